@@ -1,0 +1,3 @@
+from avepipe.cli import main
+
+raise SystemExit(main())

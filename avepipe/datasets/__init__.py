@@ -1,0 +1,1 @@
+"""Dataset formats: real AVE / UnAV-100 parsers, the sample index, synthetic generators."""
