@@ -193,7 +193,7 @@ def cmd_train(a) -> int:
 
 
 def cmd_summarize(a) -> int:
-    from avepipe.report import summarize
+    from avepipe.summary import summarize
 
     summarize(a.run, [Path(p) for p in a.metrics], Path(a.out_dir))
     return 0
