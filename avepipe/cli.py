@@ -55,14 +55,10 @@ def cmd_validate_config(a) -> int:
 def cmd_synth(a) -> int:
     from avepipe.datasets import synthetic
 
-    if a.format == "ave":
-        info = synthetic.make_ave(a.out, videos=a.videos, seed=a.seed, classes=a.classes)
-    else:
-        lo, hi = a.durations
-        info = synthetic.make_unav100(a.out, videos=a.videos, seed=a.seed, classes=a.classes,
-                                      min_duration=lo, max_duration=hi)
+    kw = {"duration_range": tuple(a.durations)} if a.format == "unav100" else {}
+    synthetic.make(a.format, a.out, a.videos, a.seed, classes=a.classes, progress=not a.no_progress, **kw)
     _write_json({"format": a.format, "root": str(a.out), "videos": a.videos, "seed": a.seed,
-                 "classes": a.classes, "info": info}, a.summary)
+                 "classes": a.classes}, a.summary)
     return 0
 
 
@@ -222,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--durations", type=float, nargs=2, default=(20.0, 60.0), metavar=("MIN", "MAX"),
                    help="UnAV-100 video durations in seconds")
     s.add_argument("--summary", help="write a JSON summary here")
+    s.add_argument("--no-progress", action="store_true")
 
     s = add("dataset", cmd_dataset, "parse a dataset in the real layout and print statistics")
     s.add_argument("--format", choices=["ave", "unav100"], required=True)

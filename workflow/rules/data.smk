@@ -31,7 +31,7 @@ rule synth:
     shell:
         "{AVEPIPE} synth --format {params.format} --out {params.root} --videos {params.videos}"
         " --classes {params.classes} --seed {params.seed} --durations {params.durations}"
-        " --summary {output} > {log} 2>&1"
+        " --summary {output} --no-progress > {log} 2>&1"
 
 
 rule index:

@@ -1,0 +1,259 @@
+"""The real AVE dataset format (REFERENCE §1): ``Annotations.txt`` and the split files.
+
+``Annotations.txt`` holds one row per annotation, ``Category&VideoID&Quality&StartTime&EndTime``,
+with or without a header line. Rows, not ids, are the samples: 45 ids have 2-3 rows and
+the row index is what ``{train,val,test}_order.h5`` refer to.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from .labels import AVE_CLASSES, CLASS_INDEX
+
+FIELDS = ("category", "video_id", "quality", "start", "end")
+HEADER = "Category&VideoID&Quality&StartTime&EndTime"
+SPLITS = ("train", "val", "test")
+ORDER_FILES = {s: f"{s}_order.h5" for s in SPLITS}
+TEXT_SPLIT_FILES = {"train": "trainSet.txt", "val": "valSet.txt", "test": "testSet.txt"}
+AVE_DURATION = 10  # seconds; every AVE clip is ten one-second segments
+COLUMNS = ["sample", "category", "video_id", "quality", "start", "end", "label"]
+
+
+class DatasetError(ValueError):
+    """A dataset file cannot be used; the message names the file (and row / video)."""
+
+
+@dataclass
+class Problem:
+    """One bad row, event or file found while reading a dataset.
+
+    ``line`` is 1-based in ``file`` (None when the format has no lines, e.g. JSON);
+    ``severity`` is ``error`` (the row/event was dropped) or ``warning`` (it was repaired).
+    """
+
+    file: str
+    line: int | None
+    reason: str
+    row: str = ""
+    video_id: str = ""
+    severity: str = "error"
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        vid = f" [{self.video_id}]" if self.video_id else ""
+        return f"{where}{vid}: {self.severity}: {self.reason}" + (f" (row: {self.row!r})" if self.row else "")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def problems_to_json(problems: list[Problem]) -> str:
+    """JSON text (a list of problem dicts) for ``index_problems.json``."""
+    return json.dumps([p.to_dict() for p in problems], indent=1)
+
+
+def _is_header(fields: list[str]) -> bool:
+    return len(fields) == 5 and fields[0].strip().lower() == "category" and fields[1].strip().lower() == "videoid"
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """(1-based line number, text) of the non-blank lines, header dropped.
+
+    Blank lines are not samples (a trailing newline is common); a UTF-8 BOM is removed.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: annotation file not found") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e})") from None
+    out = []
+    for i, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        if not out and _is_header(line.split("&")):
+            continue
+        out.append((i, line))
+    return out
+
+
+def _parse_time(text: str) -> int:
+    value = float(text)  # raises ValueError for non-numbers
+    if not np.isfinite(value) or value != int(value):
+        raise ValueError(f"{text!r} is not a whole number of seconds")
+    return int(value)
+
+
+def _parse_row(fields: list[str]) -> tuple[dict | None, str]:
+    """Parsed record or (None, reason)."""
+    if len(fields) != 5:
+        return None, f"expected 5 '&'-separated fields ({HEADER}), got {len(fields)}"
+    category, video_id, quality, start_s, end_s = (f.strip() for f in fields)
+    if category not in CLASS_INDEX:
+        return None, f"unknown class {category!r} (not one of the 28 AVE classes)"
+    if not video_id:
+        return None, "empty VideoID"
+    try:
+        start, end = _parse_time(start_s), _parse_time(end_s)
+    except ValueError as e:
+        return None, f"non-numeric or fractional time: {e}"
+    if not (0 <= start <= AVE_DURATION and 0 <= end <= AVE_DURATION):
+        return None, f"times {start}&{end} outside [0, {AVE_DURATION}]"
+    if end < start:
+        return None, f"EndTime {end} < StartTime {start}"
+    rec = dict(category=category, video_id=video_id, quality=quality, start=start, end=end,
+               label=CLASS_INDEX[category])
+    return rec, ""
+
+
+def read_annotations(path: str | Path) -> tuple[pd.DataFrame, list[Problem]]:
+    """Parse an AVE ``Annotations.txt`` (header line optional).
+
+    Returns (table, problems). One table row per file row (duplicate video ids kept), columns
+    ``sample`` (0-based data-row index, header and blank lines excluded — the index the
+    ``*_order.h5`` files use), ``category``, ``video_id``, ``quality``, ``start``, ``end``
+    (int seconds, event on [start, end)), ``label`` (0..27, REFERENCE §1 order).
+
+    Malformed rows (wrong field count, unknown class, non-numeric/fractional times, times
+    outside [0, 10], end < start) become ``Problem`` entries naming file and line and are
+    left out of the table; they keep their ``sample`` number so split indices still line up.
+    The zero-length row of the real file (``VWi2ENBuTbw``, Church bell, 0&0) is kept: it is a
+    real sample of the published splits, its ten segments are all background and its
+    video-level label is still Church bell. ``df.attrs['n_rows']`` is the data-row count.
+    """
+    path = Path(path)
+    records, problems = [], []
+    lines = _read_lines(path)
+    for sample, (lineno, line) in enumerate(lines):
+        rec, reason = _parse_row(line.split("&"))
+        if rec is None:
+            problems.append(Problem(str(path), lineno, reason, line))
+            continue
+        rec["sample"] = sample
+        records.append(rec)
+    df = pd.DataFrame.from_records(records, columns=COLUMNS)
+    df = df.astype({"sample": "int64", "start": "int64", "end": "int64", "label": "int64",
+                    "category": str, "video_id": str, "quality": str})
+    df.attrs["n_rows"] = len(lines)
+    df.attrs["source"] = str(path)
+    return df, problems
+
+
+def _order_splits(root: Path, n_rows: int) -> np.ndarray:
+    split = np.full(n_rows, "", dtype=object)
+    for name in SPLITS:
+        f = root / ORDER_FILES[name]
+        try:
+            with h5py.File(f, "r") as h:
+                if "order" not in h:
+                    raise DatasetError(f"{f}: no dataset 'order' (keys: {list(h.keys())})")
+                idx = np.asarray(h["order"][...]).ravel()
+        except OSError as e:
+            raise DatasetError(f"{f}: cannot read HDF5 ({e})") from None
+        if idx.size and not np.issubdtype(idx.dtype, np.integer):
+            raise DatasetError(f"{f}: 'order' must hold integer row indices, got {idx.dtype}")
+        bad = idx[(idx < 0) | (idx >= n_rows)]
+        if bad.size:
+            raise DatasetError(f"{f}: row indices {bad[:5].tolist()} outside 0..{n_rows - 1}")
+        uniq, counts = np.unique(idx, return_counts=True)
+        if (counts > 1).any():
+            raise DatasetError(f"{f}: rows listed twice: {uniq[counts > 1][:5].tolist()}")
+        clash = idx[split[idx] != ""]
+        if clash.size:
+            r = int(clash[0])
+            raise DatasetError(f"{f}: row {r} already in split {split[r]!r} (splits must be disjoint)")
+        split[idx] = name
+    return split
+
+
+def _text_splits(root: Path, n_rows: int, annotations: Path) -> np.ndarray:
+    """Match each text split row to the next unused identical row of Annotations.txt."""
+    slots: dict[tuple, list[int]] = {}
+    ann_lines = _read_lines(annotations)
+    if len(ann_lines) != n_rows:
+        raise DatasetError(f"{annotations}: {len(ann_lines)} data rows, expected {n_rows}")
+    for row, (_, line) in enumerate(ann_lines):
+        slots.setdefault(tuple(f.strip() for f in line.split("&")), []).append(row)
+    split = np.full(n_rows, "", dtype=object)
+    for name in SPLITS:
+        f = root / TEXT_SPLIT_FILES[name]
+        for lineno, line in _read_lines(f):
+            key = tuple(x.strip() for x in line.split("&"))
+            free = slots.get(key)
+            if not free:
+                used = key in slots
+                why = "more copies than in Annotations.txt" if used else "not found in Annotations.txt"
+                raise DatasetError(f"{f}:{lineno}: row {line!r} {why}")
+            split[free.pop(0)] = name
+    return split
+
+
+def read_splits(root: str | Path, n_rows: int | None = None,
+                annotations: str | Path | None = None) -> np.ndarray:
+    """Split name (``train``/``val``/``test``) of every Annotations row, as an object array.
+
+    Uses ``{train,val,test}_order.h5`` (key ``order``, int64 row indices) when present,
+    otherwise ``trainSet.txt``/``valSet.txt``/``testSet.txt`` (5-field rows matched to the
+    Annotations rows in order; an id with several identical rows consumes them one by one).
+    The splits must be disjoint and cover rows ``0..n_rows-1``; ``DatasetError`` otherwise.
+    ``n_rows`` defaults to the data-row count of ``annotations`` (default root/Annotations.txt).
+    """
+    root = Path(root)
+    annotations = Path(annotations) if annotations is not None else root / "Annotations.txt"
+    if n_rows is None:
+        n_rows = len(_read_lines(annotations))
+    have_h5 = [(root / ORDER_FILES[s]).exists() for s in SPLITS]
+    have_txt = [(root / TEXT_SPLIT_FILES[s]).exists() for s in SPLITS]
+    if all(have_h5):
+        split = _order_splits(root, n_rows)
+        source = "*_order.h5"
+    elif any(have_h5):
+        missing = [ORDER_FILES[s] for s, h in zip(SPLITS, have_h5) if not h]
+        raise DatasetError(f"{root}: split files incomplete, missing {missing}")
+    elif all(have_txt):
+        split = _text_splits(root, n_rows, annotations)
+        source = "*Set.txt"
+    else:
+        raise DatasetError(f"{root}: no split files ({', '.join(ORDER_FILES.values())} "
+                           f"or {', '.join(TEXT_SPLIT_FILES.values())})")
+    uncovered = np.flatnonzero(split == "")
+    if uncovered.size:
+        raise DatasetError(f"{root} ({source}): {uncovered.size} Annotations rows in no split, "
+                           f"e.g. rows {uncovered[:5].tolist()}")
+    return split
+
+
+def write_annotations(path: str | Path, df: pd.DataFrame, header: bool = False) -> Path:
+    """Write ``df`` (category, video_id, quality, start, end) in the ``&`` format."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [HEADER] if header else []
+    for r in df.itertuples(index=False):
+        lines.append(f"{r.category}&{r.video_id}&{r.quality}&{int(r.start)}&{int(r.end)}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_split_txt(path: str | Path, df: pd.DataFrame) -> Path:
+    """Write a ``trainSet.txt``-style split file (same 5-field format, no header)."""
+    return write_annotations(path, df, header=False)
+
+
+def write_order_h5(path: str | Path, indices) -> Path:
+    """Write ``{split}_order.h5`` with key ``order`` = int64 row indices."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as h:
+        h.create_dataset("order", data=np.asarray(indices, dtype=np.int64), track_times=False)
+    return path
+
+
+__all__ = ["AVE_CLASSES", "DatasetError", "Problem", "read_annotations", "read_splits",
+           "write_annotations", "write_order_h5", "write_split_txt", "problems_to_json"]
