@@ -1,0 +1,385 @@
+"""Media access with PyAV: probing, frame selection by presentation time, audio.
+
+Conventions (contracts.md, "Media"):
+
+* Time is presentation time, ``pts * time_base`` in seconds, with the file's own
+  origin (t = 0 is pts 0; AVE/UnAV clips start there). Frames are never selected by
+  decode index: with threaded decoding PyAV's ``frame.index`` is wrong near the
+  end of the stream (REFERENCE §2), and it is meaningless for variable frame rate.
+* The frame shown at time ``t`` is the one with the largest pts <= t; times before
+  the first frame get the first frame, times past the last frame get the last one.
+* Audio is downmixed to mono as the **mean of all channels** (5.1 included, LFE
+  too) and resampled with soxr, quality 'HQ', to each requested rate; float32.
+* Unreadable input raises :class:`MediaError` naming the file and the reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import numpy as np
+import soxr
+from av.video.reformatter import VideoReformatter
+
+# Named resampler, recorded in each decoded shard's provenance.
+RESAMPLER = {"name": "soxr", "quality": "HQ", "version": soxr.__version__}
+# swscale filter used when frames are resized (the stored 224x224 samples).
+FRAME_INTERPOLATION = "BILINEAR"
+
+
+class MediaError(Exception):
+    """A media file cannot be used: missing, unreadable, or lacking a stream."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def _open(path: str | Path) -> av.container.InputContainer:
+    path = Path(path)
+    if not path.exists():
+        raise MediaError(path, "file missing")
+    if path.stat().st_size == 0:
+        raise MediaError(path, "empty file")
+    try:
+        return av.open(str(path), mode="r")
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise MediaError(path, f"unreadable container ({_why(exc)})") from exc
+
+
+def _why(exc: BaseException) -> str:
+    # FFmpeg errors carry the path in str(exc); strerror alone avoids repeating it.
+    msg = getattr(exc, "strerror", None) or str(exc)
+    return f"{type(exc).__name__}: {msg}"
+
+
+def _seconds(value, time_base) -> float | None:
+    if value is None or time_base is None:
+        return None
+    return float(value * time_base)
+
+
+def _probe_container(container, path) -> dict:
+    vs = container.streams.video[0] if container.streams.video else None
+    as_ = container.streams.audio[0] if container.streams.audio else None
+    if vs is None and as_ is None:
+        raise MediaError(path, "no audio or video stream")
+    durations = [d for d in (
+        _seconds(vs.duration, vs.time_base) if vs is not None else None,
+        _seconds(as_.duration, as_.time_base) if as_ is not None else None,
+        container.duration / av.time_base if container.duration else None,
+    ) if d]
+    info = {
+        "duration": max(durations) if durations else float("nan"),
+        "has_video": vs is not None,
+        "has_audio": as_ is not None,
+        "fps": float("nan"), "width": 0, "height": 0, "pix_fmt": "",
+        "audio_rate": 0, "audio_channels": 0, "n_frames_est": 0,
+    }
+    if vs is not None:
+        cc = vs.codec_context
+        rate = vs.average_rate or vs.guessed_rate or vs.base_rate
+        info.update(fps=float(rate) if rate else float("nan"), width=int(cc.width),
+                    height=int(cc.height), pix_fmt=cc.format.name if cc.format else "")
+        vdur = _seconds(vs.duration, vs.time_base) or info["duration"]
+        est = vs.frames or (round(vdur * info["fps"]) if rate and np.isfinite(vdur) else 0)
+        info["n_frames_est"] = int(est)
+    if as_ is not None:
+        cc = as_.codec_context
+        info.update(audio_rate=int(cc.sample_rate or 0), audio_channels=int(cc.channels or 0))
+    return info
+
+
+def probe(path: str | Path) -> dict:
+    """Stream facts from the container header (no decoding).
+
+    Returns duration (s), fps, width, height, pix_fmt, has_video, has_audio,
+    audio_rate, audio_channels, n_frames_est. Raises MediaError when the file is
+    missing or unreadable or has neither stream; a missing stream is reported
+    through ``has_video``/``has_audio`` (callers decide whether they need it).
+    """
+    with _open(path) as container:
+        return _probe_container(container, path)
+
+
+def segment_times(n_segments: int, per_segment: int, segment_seconds: float = 1.0) -> np.ndarray:
+    """Centres of ``per_segment`` equal sub-intervals of each segment, segment-major.
+
+    Shape (n_segments * per_segment,); reshape to (n_segments, per_segment) to group.
+    E.g. per_segment=16 gives t = k + (j + 0.5) / 16 for k < n_segments, j < 16.
+    """
+    if n_segments < 0 or per_segment < 1 or segment_seconds <= 0:
+        raise ValueError(f"bad segment grid: n_segments={n_segments}, per_segment={per_segment}, "
+                         f"segment_seconds={segment_seconds}")
+    k = np.arange(n_segments, dtype=np.float64)[:, None]
+    j = (np.arange(per_segment, dtype=np.float64)[None, :] + 0.5) / per_segment
+    return ((k + j) * segment_seconds).reshape(-1)
+
+
+class _FrameSelector:
+    """Assigns decoded frames (arriving in presentation order) to requested times.
+
+    A time t is settled when the first frame with pts > t arrives: it gets the
+    previous frame. Each chosen frame is converted to RGB once (swscale resizes).
+    """
+
+    def __init__(self, times: np.ndarray, size: tuple[int, int] | None):
+        self.times = np.asarray(times, dtype=np.float64).reshape(-1)
+        self.order = np.argsort(self.times, kind="stable")
+        self.size = size
+        self.pos = 0
+        self.out: np.ndarray | None = None
+        self.prev = None
+        self.prev_rgb: np.ndarray | None = None
+        self.first_time: float | None = None
+        self.last_time: float | None = None
+        self.n_frames = 0
+        # One reformatter for the whole pass keeps its swscale context: ~3x cheaper per frame.
+        self.reformatter = VideoReformatter()
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.times)
+
+    def _rgb(self, frame) -> np.ndarray:
+        if self.size is not None:
+            h, w = self.size
+        elif self.out is not None:  # keep one shape if the stream changes size midway
+            h, w = self.out.shape[1:3]
+        else:
+            h, w = frame.height, frame.width
+        rgb = self.reformatter.reformat(frame, width=w, height=h, format="rgb24",
+                                        interpolation=FRAME_INTERPOLATION)
+        return rgb.to_ndarray()
+
+    def _assign(self, frame, until: float | None) -> None:
+        rgb = None
+        while self.pos < len(self.times) and (until is None or self.times[self.order[self.pos]] < until):
+            if rgb is None:
+                if frame is self.prev and self.prev_rgb is not None:
+                    rgb = self.prev_rgb
+                else:
+                    rgb = self._rgb(frame)
+                    if frame is self.prev:
+                        self.prev_rgb = rgb
+            if self.out is None:
+                self.out = np.empty((len(self.times),) + rgb.shape, dtype=np.uint8)
+            self.out[self.order[self.pos]] = rgb
+            self.pos += 1
+
+    def push(self, frame, t: float) -> None:
+        self.n_frames += 1
+        if self.first_time is None:
+            self.first_time = t
+            self.prev = frame
+            self.prev_rgb = None
+            self._assign(frame, t)  # times before the first frame get the first frame
+        else:
+            self._assign(self.prev, t)
+            self.prev, self.prev_rgb = frame, None
+        self.last_time = t
+
+    def finish(self) -> np.ndarray:
+        if self.prev is not None:
+            self._assign(self.prev, None)  # times past the last frame get the last frame
+        if self.out is None:
+            h, w = self.size if self.size is not None else (0, 0)
+            self.out = np.empty((len(self.times), h, w, 3), dtype=np.uint8)
+        return self.out
+
+
+@dataclass
+class Decoded:
+    """Everything one decode pass yields (used by the decode stage)."""
+
+    frames: np.ndarray | None              # (len(times), H, W, 3) uint8, or None
+    audio: dict[int, np.ndarray] = field(default_factory=dict)  # rate -> mono float32
+    video_start: float | None = None       # pts time of the first frame
+    video_end: float | None = None         # end of the last video packet (None: pass stopped early)
+    n_video_frames: int = 0
+    audio_duration: float | None = None    # decoded mono length / native rate (from t=0)
+    audio_peak: float = 0.0                 # max |sample| of the native-rate mono mix
+
+
+def decode(path: str | Path, times: np.ndarray | None = None, size: tuple[int, int] | None = None,
+           rates: list[int] | None = None) -> Decoded:
+    """One sequential demux/decode pass over the video (if ``times``) and audio (if ``rates``).
+
+    Raises MediaError when a needed stream is absent, nothing decodes, or the
+    decoder fails. Decoding of video stops being done once every time is settled.
+    """
+    want_video, want_audio = times is not None, bool(rates)
+    if want_video:
+        times = np.asarray(times, dtype=np.float64).reshape(-1)
+        if not np.isfinite(times).all():
+            raise ValueError(f"{path}: frame times must be finite")
+    with _open(path) as container:
+        info = _probe_container(container, path)
+        if want_video and not info["has_video"]:
+            raise MediaError(path, "no video stream")
+        if want_audio and not info["has_audio"]:
+            raise MediaError(path, "no audio stream")
+        streams = []
+        selector = vs = as_ = None
+        if want_video:
+            vs = container.streams.video[0]
+            vs.thread_type = "AUTO"
+            streams.append(vs)
+            selector = _FrameSelector(times, size)
+        if want_audio:
+            as_ = container.streams.audio[0]
+            streams.append(as_)
+            pcm = _PcmCollector()
+            audio_t0: float | None = None
+        period = 1.0 / info["fps"] if np.isfinite(info["fps"]) and info["fps"] > 0 else 0.04
+        video_done = not want_video
+        # pts * num / den: one correctly rounded division, so t equals the float of the
+        # exact rational (t = 1.4 for pts 17920 at 1/12800; pts * float(tb) gives 1.4000000000000001).
+        vnum, vden = (vs.time_base.numerator, vs.time_base.denominator) if vs is not None else (0, 1)
+        packet_end = 0.0  # end of the last video packet: the stream's true end, no decoding needed
+        try:
+            for packet in container.demux(streams):
+                if packet.stream is vs:
+                    if packet.pts is not None:
+                        packet_end = max(packet_end, (packet.pts + (packet.duration or 0)) * vnum / vden)
+                    if video_done:
+                        continue
+                    # demux ends each stream with an empty packet, which flushes the decoder
+                    for frame in packet.decode():
+                        if frame.pts is None:  # no timestamp: assume the nominal frame period
+                            selector.push(frame, (selector.last_time or 0.0) + period)
+                        else:
+                            selector.push(frame, frame.pts * vnum / vden)
+                    if selector.done:
+                        video_done = True
+                        if not want_audio:
+                            break
+                else:
+                    for frame in packet.decode():
+                        if audio_t0 is None:
+                            audio_t0 = 0.0 if frame.pts is None else float(frame.pts * as_.time_base)
+                        pcm.add(frame)
+        except av.FFmpegError as exc:
+            # Typically a truncated file whose index (moov) promises more data than there is.
+            where = f" after {packet_end:.2f} s of {info['duration']:.2f} s" if want_video else ""
+            raise MediaError(path, f"decode failed{where}, truncated or corrupt ({_why(exc)})") from exc
+
+        out = Decoded(frames=None)
+        if want_video:
+            if selector.n_frames == 0:
+                raise MediaError(path, "no decodable video frames")
+            out.frames = selector.finish()
+            out.video_start, out.n_video_frames = selector.first_time, selector.n_frames
+            if want_audio or not video_done:  # the whole stream was demuxed
+                out.video_end = max(packet_end, selector.last_time + period)
+                _check_complete(path, "video", out.video_end, _seconds(vs.duration, vs.time_base))
+        if want_audio:
+            mono = pcm.mono()
+            if mono is None:
+                raise MediaError(path, "no decodable audio")
+            native = int(info["audio_rate"]) or int(as_.codec_context.sample_rate)
+            mono = _align_to_zero(mono, audio_t0 or 0.0, native)
+            declared = _seconds(as_.duration, as_.time_base)
+            if declared and len(mono) > round(declared * native):
+                mono = mono[: round(declared * native)]  # drop the AAC encoder's end padding
+            out.audio_duration = len(mono) / native
+            _check_complete(path, "audio", out.audio_duration, declared)
+            out.audio_peak = float(np.max(np.abs(mono))) if len(mono) else 0.0
+            out.audio = {int(r): _resample(mono, native, int(r)) for r in rates}
+    return out
+
+
+TRUNCATION_S = 0.5  # data ending this much before the header's stream duration = truncated
+
+
+def _check_complete(path, kind: str, got: float, declared: float | None) -> None:
+    """A file cut after its index (moov first) demuxes to a clean-looking early EOF."""
+    if declared and got < declared - TRUNCATION_S:
+        raise MediaError(path, f"{kind} data ends at {got:.2f} s but the header declares "
+                               f"{declared:.2f} s: truncated or corrupt")
+
+
+class _PcmCollector:
+    """Gathers decoded audio frames as float32 channel planes and mixes them to mono.
+
+    AAC decodes to planar float ('fltp'): its planes are read directly (an
+    AudioResampler or ``to_ndarray`` per frame costs more than the AAC decode).
+    Other sample formats go through an AudioResampler to 'fltp' first.
+    """
+
+    def __init__(self) -> None:
+        self.planes: list[list[np.ndarray]] = []
+        self.convert: av.AudioResampler | None = None
+
+    def _take(self, frame) -> None:
+        n = frame.samples
+        if not self.planes:
+            self.planes = [[] for _ in frame.planes]
+        if len(frame.planes) != len(self.planes):
+            raise ValueError(f"audio channel count changed mid-stream ({len(self.planes)} -> "
+                             f"{len(frame.planes)})")
+        for dst, plane in zip(self.planes, frame.planes):
+            dst.append(np.frombuffer(plane, np.float32, n))
+
+    def add(self, frame) -> None:
+        if frame.format.name == "fltp":
+            self._take(frame)
+            return
+        if self.convert is None:
+            self.convert = av.AudioResampler(format="fltp")  # rate and layout kept
+        for f in self.convert.resample(frame):
+            self._take(f)
+
+    def mono(self) -> np.ndarray | None:
+        if self.convert is not None:
+            for f in self.convert.resample(None):
+                self._take(f)
+        if not self.planes or not self.planes[0]:
+            return None
+        # Mean of the channels (documented policy); concatenation copies the frames' buffers.
+        out = np.concatenate(self.planes[0])
+        for ch in self.planes[1:]:
+            out += np.concatenate(ch)
+        if len(self.planes) > 1:
+            out /= np.float32(len(self.planes))
+        return out
+
+
+def _align_to_zero(mono: np.ndarray, t0: float, rate: int) -> np.ndarray:
+    """Make sample 0 sit at presentation time 0 (pad a late start, cut an early one)."""
+    shift = int(round(t0 * rate))
+    if shift > 0:
+        return np.concatenate([np.zeros(shift, np.float32), mono])
+    if shift < 0:
+        return mono[-shift:]
+    return mono
+
+
+def _resample(mono: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    if rate_in == rate_out:
+        return mono.copy()
+    return soxr.resample(mono, rate_in, rate_out, quality=RESAMPLER["quality"]).astype(np.float32, copy=False)
+
+
+def read_audio(path: str | Path, rates: list[int]) -> dict[int, np.ndarray]:
+    """Decode all audio, mono (mean of channels), resampled to each rate (soxr HQ), float32.
+
+    Sample 0 is presentation time 0. Raises MediaError (missing file, unreadable,
+    no audio stream, nothing decodable).
+    """
+    if not rates:
+        raise ValueError("read_audio needs at least one sample rate")
+    return decode(path, rates=list(rates)).audio
+
+
+def read_frames(path: str | Path, times: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """RGB frames displayed at ``times`` (s): uint8 (len(times), H, W, 3).
+
+    For each t, the frame with the largest presentation time <= t (the first frame
+    for t before it, the last frame for t past the end). ``size`` = (height, width)
+    resizes with swscale (bilinear, aspect not kept); None keeps the stream size.
+    One sequential decode pass that stops once every time is settled.
+    """
+    return decode(path, times=np.asarray(times, dtype=np.float64), size=size).frames
