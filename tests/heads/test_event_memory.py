@@ -1,0 +1,307 @@
+"""Tests for the Ge et al. MM'23 head (avepipe.heads.event_memory.EventMemory)."""
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+from avepipe.heads.event_memory import TRAIN_DEFAULTS, EventMemory, jsd
+
+torch.set_num_threads(1)
+
+TINY = dict(hidden=16, heads=2, ffn=32)  # same architecture, small widths: fast tests
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def make_batch(B=4, T=10, vshape=(2, 2, 8), adim=6, C=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(B, T, *vshape, generator=g)
+    a = torch.randn(B, T, adim, generator=g)
+    cls = torch.arange(B) % C
+    mask = torch.zeros(B, T)
+    for b in range(B):
+        s = int(torch.randint(0, 5, (1,), generator=g))
+        mask[b, s:s + 4] = 1
+    seg = torch.zeros(B, T, C + 1)
+    seg[..., C] = 1 - mask
+    seg[torch.arange(B)[:, None], torch.arange(T)[None], cls[:, None].expand(B, T)] += mask
+    vl = torch.zeros(B, C + 1)
+    vl[torch.arange(B), cls] = 1
+    return dict(visual=v, audio=a, segment_labels=seg, event_mask=mask, video_label=vl), cls
+
+
+# --------------------------------------------------------------------------- fidelity
+@pytest.mark.parametrize("adim,ref", [(128, 4_857_429), (2048, 5_348_949)])
+def test_parameter_count_matches_reference(adim, ref):
+    m = EventMemory((7, 7, 512), adim, n_layers=1)
+    assert abs(n_params(m) - ref) / ref < 0.002
+    # bank is state, not parameters
+    assert "bank_visual" in m.state_dict() and "bank_audio" in m.state_dict()
+
+
+def test_train_defaults():
+    for s in EventMemory.settings:
+        d = TRAIN_DEFAULTS[s]
+        assert d["optimizer"] == "adam" and d["lr"] == 3e-4 and d["epochs"] == 300
+        assert d["batch_size"] == 128 and d["schedule"]["kind"] == "cosine"
+    assert EventMemory((4,), 3, "full").margin == 0.7
+    assert EventMemory((4,), 3, "weak").margin == 0.9
+
+
+@pytest.mark.parametrize("vshape", [(2, 2, 8), (8,)])
+def test_forward_shapes_map_and_pooled(vshape):
+    batch, _ = make_batch(vshape=vshape)
+    m = EventMemory(vshape, 6, num_classes=3, bank_size=2, **TINY)
+    out = m(batch["visual"], batch["audio"])
+    assert out["feats"].shape == (4, 10, 16)
+    assert out["event_logits"].shape == (4, 3)
+    assert out["relevance_logits"].shape == (4, 10)
+    loss, parts = m.loss(out, batch, 0, 1)
+    assert torch.isfinite(loss) and all(math.isfinite(v) for v in parts.values())
+    m.eval()
+    p = m.predict(m(batch["visual"], batch["audio"]))
+    assert p.shape == (4, 10) and p.dtype == torch.long
+    assert int(p.min()) >= 0 and int(p.max()) <= 3
+
+
+# --------------------------------------------------------------------------- JSD / scores
+def test_jsd_matches_hand_computation():
+    p = torch.tensor([0.7, 0.2, 0.1])
+    q = torch.tensor([0.1, 0.3, 0.6])
+    m = [(a + b) / 2 for a, b in zip(p.tolist(), q.tolist())]
+    kl = lambda x: sum(xi * math.log(xi / mi) for xi, mi in zip(x, m))  # noqa: E731
+    hand = 0.5 * (kl(p.tolist()) + kl(q.tolist()))
+    assert abs(float(jsd(p, q)) - hand) < 1e-6
+    assert float(jsd(p, p)) == pytest.approx(0.0, abs=1e-7)
+    # disjoint supports reach the maximum ln 2 (zeros handled by xlogy)
+    assert float(jsd(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))) == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_relation_score_full_and_weak():
+    la, lv = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    out = {"audio_logits": la, "visual_logits": lv, "feats": torch.zeros(2, 5, 4)}
+    mask = torch.tensor([[0, 1, 1, 0, 0], [1, 0, 0, 0, 1]]).float()
+    j = jsd(la.softmax(-1), lv.softmax(-1))
+    for setting, em, expect in (("full", mask, 1 - j + mask), ("weak", None, 1 - j)):
+        m = EventMemory((4,), 3, setting, num_classes=3, **TINY)
+        assert torch.allclose(m.relation_scores(out, em, torch.zeros(2, dtype=torch.long)), expect, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- memory bank
+def _bank_model(**kw):
+    return EventMemory((2, 2, 3), 2, num_classes=2, bank_size=3, **TINY, **kw)
+
+
+def _update(m, vals, scores, labels):
+    """One video per entry of ``vals``: all its T=2 segments carry value v (visual) / -v (audio)
+    except segment 1, which is distinct; ``scores`` (B,2) pick the segment."""
+    B = len(vals)
+    v = torch.tensor(vals, dtype=torch.float32)[:, None, None, None, None].expand(B, 2, 2, 2, 3).clone()
+    v[:, 1] += 0.5
+    a = -torch.tensor(vals, dtype=torch.float32)[:, None, None].expand(B, 2, 2).clone()
+    m.update_bank(v, a, None, torch.tensor(scores, dtype=torch.float32), torch.tensor(labels),
+                  torch.ones(B, dtype=torch.bool))
+    return v, a
+
+
+def test_bank_fills_keeps_top_n_and_stores_raw_segment():
+    m = _bank_model()
+    v, a = _update(m, [1.0, 2.0], [[0.1, 0.9], [0.8, 0.3]], [0, 0])
+    assert m.bank_filled[0].tolist() == [True, True, False] and not m.bank_filled[1].any()
+    assert torch.allclose(m.bank_score[0, :2], torch.tensor([0.9, 0.8]))  # sorted best first
+    # raw features of the chosen segment are stored (video 0 -> segment 1, video 1 -> segment 0)
+    assert torch.equal(m.bank_visual[0, 0], v[0, 1].reshape(4, 3))
+    assert torch.equal(m.bank_visual[0, 1], v[1, 0].reshape(4, 3))
+    assert torch.equal(m.bank_audio[0, 1], a[1, 0])
+    # three more class-0 videos; bank of 3 keeps the top-3 scores overall
+    _update(m, [3.0, 4.0, 5.0], [[0.5, 0.2], [0.95, 0.0], [0.1, 0.05]], [0, 0, 0])
+    assert torch.allclose(m.bank_score[0], torch.tensor([0.95, 0.9, 0.8]))
+    assert torch.equal(m.bank_visual[0, 0], torch.full((4, 3), 4.0))
+    # a low-scoring class-1 video enters the empty class-1 bank
+    _update(m, [6.0], [[0.01, 0.0]], [1])
+    assert m.bank_filled[1].tolist() == [True, False, False]
+
+
+def test_bank_one_entry_per_video():
+    m = _bank_model()
+    _update(m, [1.0, 2.0], [[0.3, 0.2], [0.5, 0.1]], [0, 0])
+    # video 1 returns with a better score on its other segment: replaces its own slot
+    _update(m, [2.0], [[0.1, 0.7]], [0])
+    assert int(m.bank_filled[0].sum()) == 2
+    assert torch.allclose(m.bank_score[0, :2], torch.tensor([0.7, 0.3]))
+    assert torch.equal(m.bank_visual[0, 0], torch.full((4, 3), 2.5))  # its segment 1
+    # ... and with a worse score: still one entry, carrying the current score
+    _update(m, [1.0], [[0.05, 0.0]], [0])
+    assert int(m.bank_filled[0].sum()) == 2
+    assert torch.allclose(m.bank_score[0, :2], torch.tensor([0.7, 0.05]))
+    # a full bank: a newcomer below every entry stays out, the returning video is refreshed
+    _update(m, [3.0], [[0.5, 0.0]], [0])
+    _update(m, [4.0, 2.0], [[0.01, 0.0], [0.6, 0.0]], [0, 0])
+    assert torch.allclose(m.bank_score[0], torch.tensor([0.6, 0.5, 0.05]))
+    assert not (m.bank_visual[0] == 4.0).all(-1).all(-1).any()
+
+
+def test_bank_is_reencoded_with_current_weights():
+    torch.manual_seed(0)
+    m = EventMemory((2, 2, 8), 6, num_classes=3, bank_size=2, **TINY).eval()
+    batch, _ = make_batch()
+    m.train()
+    m.loss(m(batch["visual"], batch["audio"]), batch)
+    m.eval()
+    raw = m.bank_visual.clone()
+    f1 = m(batch["visual"], batch["audio"])["bank_feats"].clone()
+    with torch.no_grad():
+        m.video_fc[0].weight.mul_(1.5)  # change the encoder
+    f2 = m(batch["visual"], batch["audio"])["bank_feats"]
+    filled = m.bank_filled
+    assert not torch.allclose(f1[filled], f2[filled])  # eval cache invalidated, features re-encoded
+    assert torch.equal(raw, m.bank_visual)  # stored raw inputs untouched
+
+
+def test_bank_gets_gradient_through_reencoding():
+    torch.manual_seed(0)
+    m = EventMemory((2, 2, 8), 6, num_classes=3, bank_size=2, **TINY)
+    batch, _ = make_batch()
+    out = m(batch["visual"], batch["audio"])
+    # only the metric losses: L_p + L_c depend on the bank encoding
+    m.lambdas = (0.0, 0.0, 0.0, 1.0, 1.0)
+    loss, _ = m.loss(out, batch)
+    bank = m._encode_bank()
+    assert bank.requires_grad
+    loss.backward()
+    assert m.video_stf.layers[0].lin1.weight.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- inference
+def test_eadb_inference_rule_margin():
+    D = 4
+    m = EventMemory((4,), 3, num_classes=2, bank_size=2, hidden=D, heads=2, ffn=8, margin=0.7)
+    m.bank_filled.fill_(True)
+    s = math.sqrt(D)  # distances are divided by sqrt(D)
+    bank = torch.zeros(2, 2, D)
+    bank[0, :, 0] = torch.tensor([-3.0, -3.2]) * s  # class 0 far along -x
+    bank[1, :, 0] = torch.tensor([1.0, 1.2]) * s  # class 1 at x = 1.0, 1.2 (scaled)
+    feats = torch.zeros(1, 4, D)
+    feats[0, :, 0] = torch.tensor([1.1, 1.5, 1.95, 0.05]) * s  # min dists to class-1 bank: .1,.3,.75,.95
+    out = {"feats": feats, "bank_feats": bank, "event_logits": torch.zeros(1, 2)}
+    assert m.predict(out).tolist() == [[1, 1, 2, 2]]
+    m.margin = 0.9
+    assert m.predict(out).tolist() == [[1, 1, 1, 2]]
+    # class by the nearest prototype on average: move segments to class 0
+    out["feats"] = -feats - 2.0 * s
+    assert set(m.predict(out)[0].tolist()) <= {0, 2}
+    # empty banks never win; with no bank at all, everything is background
+    m.bank_filled.zero_()
+    assert m.predict(out).tolist() == [[2, 2, 2, 2]]
+
+
+# --------------------------------------------------------------------------- training
+def _learnable(B=12, T=10, C=3, seed=0):
+    """Class c: audio carries one-hot c on event segments, visual carries it too; background is noise."""
+    batch, cls = make_batch(B=B, T=T, C=C, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    mask = batch["event_mask"]
+    sig = torch.nn.functional.one_hot(cls, 6).float()[:, None, :] * mask[..., None] * 3.0
+    batch["audio"] = 0.3 * torch.randn(B, T, 6, generator=g) + sig
+    batch["visual"] = 0.3 * torch.randn(B, T, 2, 2, 8, generator=g) + \
+        torch.nn.functional.pad(sig, (0, 2))[:, :, None, None, :]
+    return batch
+
+
+@pytest.mark.parametrize("setting", ["full", "weak"])
+def test_loss_decreases_on_tiny_problem(setting):
+    torch.manual_seed(0)
+    batch = _learnable()
+    m = EventMemory((2, 2, 8), 6, setting, num_classes=3, bank_size=3, **TINY)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    losses = []
+    for step in range(40):
+        out = m(batch["visual"], batch["audio"])
+        loss, parts = m.loss(out, batch, step, 40)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    m.eval()
+    pred = m.predict(m(batch["visual"], batch["audio"]))
+    target = batch["segment_labels"].argmax(-1)
+    if setting == "full":
+        assert (pred == target).float().mean() > 0.6  # chance (3 classes + bg) is far lower
+    else:  # weak: no segment labels; at least the event class must be found (eq. 20)
+        ev = batch["event_mask"].bool()
+        assert (pred[ev] == target[ev]).float().mean() > 0.6  # chance: 1/3
+
+
+def test_weak_uses_only_video_labels():
+    torch.manual_seed(0)
+    batch, _ = make_batch()
+    weak = {k: batch[k] for k in ("visual", "audio", "video_label")}  # no segment labels at all
+    weak["video_label"] = torch.cat([weak["video_label"], torch.zeros(1, 4)])  # + a background-only video
+    weak["visual"] = torch.cat([weak["visual"], torch.randn(1, 10, 2, 2, 8)])
+    weak["audio"] = torch.cat([weak["audio"], torch.randn(1, 10, 6)])
+    m = EventMemory((2, 2, 8), 6, "weak", num_classes=3, bank_size=8, **TINY)
+    m2 = copy.deepcopy(m)
+    torch.manual_seed(1)
+    a, _ = m.loss(m(weak["visual"], weak["audio"]), weak)
+    assert torch.isfinite(a)
+    assert int(m.bank_filled.sum()) == 4  # the background-only video is not stored
+    # random segment labels / masks, if present, change nothing
+    full = dict(weak, segment_labels=torch.rand(5, 10, 4), event_mask=torch.rand(5, 10).round())
+    torch.manual_seed(1)
+    b, _ = m2.loss(m2(full["visual"], full["audio"]), full)
+    assert torch.equal(a, b)
+    assert torch.equal(m.bank_score, m2.bank_score) and torch.equal(m.bank_visual, m2.bank_visual)
+
+
+def test_state_dict_roundtrip_keeps_bank():
+    torch.manual_seed(0)
+    batch, _ = make_batch()
+    m = EventMemory((2, 2, 8), 6, num_classes=3, bank_size=2, **TINY)
+    m.loss(m(batch["visual"], batch["audio"]), batch)
+    assert m.bank_filled.any()
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    m2 = EventMemory((2, 2, 8), 6, num_classes=3, bank_size=2, **TINY)
+    m2.load_state_dict(torch.load(buf))
+    for k in ("bank_visual", "bank_audio", "bank_score", "bank_filled", "bank_key"):
+        assert torch.equal(getattr(m, k), getattr(m2, k)), k
+    m.eval(), m2.eval()
+    assert torch.equal(m.predict(m(batch["visual"], batch["audio"])),
+                       m2.predict(m2(batch["visual"], batch["audio"])))
+
+
+# --------------------------------------------------------------------------- ablations
+@pytest.mark.parametrize("flags", [
+    dict(use_audio=False), dict(use_visual=False), dict(use_transformer=False),
+    dict(spatial_fusion=False), dict(temporal_fusion=False),
+    dict(spatial_fusion=False, temporal_fusion=False), dict(jsd_update=False),
+    dict(bank_consistency=False), dict(branch="double"), dict(branch="single"),
+    dict(class_branch="prototype+classifier"), dict(n_layers=2),
+])
+def test_ablation_flags_run(flags):
+    torch.manual_seed(0)
+    batch, _ = make_batch()
+    m = EventMemory((2, 2, 8), 6, num_classes=3, bank_size=2, **TINY, **flags)
+    loss, _ = m.loss(m(batch["visual"], batch["audio"]), batch)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert m.bank_filled.any()
+    m.eval()
+    p = m.predict(m(batch["visual"], batch["audio"]))
+    assert p.shape == (4, 10)
+
+
+def test_ablations_remove_modules():
+    full = n_params(EventMemory((7, 7, 512), 128))
+    assert n_params(EventMemory((7, 7, 512), 128, use_audio=False)) < full
+    assert n_params(EventMemory((7, 7, 512), 128, use_transformer=False)) < full
+    assert n_params(EventMemory((7, 7, 512), 128, spatial_fusion=False)) < full
+    m = EventMemory((2, 2, 8), 6, num_classes=3, bank_consistency=False, **TINY)
+    assert "bank_feats" in m.state_dict() and "bank_visual" not in m.state_dict()
