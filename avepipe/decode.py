@@ -169,9 +169,10 @@ def _decode_one(item: dict, audio_rates: list[int], k: int, seed: int) -> tuple[
 def _write_row(frames_arr: zarr.Array, audio_arrays: dict, i: int, frames: np.ndarray,
                audio: dict[int, np.ndarray]) -> None:
     """Store video ``i`` as whole chunks (zero past its own n_segments)."""
-    block = np.zeros(frames_arr.shape[1:], np.uint8)
-    block[: len(frames)] = frames
-    frames_arr[i] = block
+    if frames_arr.shape[2]:  # k = 0: no frame sample stored
+        block = np.zeros(frames_arr.shape[1:], np.uint8)
+        block[: len(frames)] = frames
+        frames_arr[i] = block
     for rate, arr in audio_arrays.items():
         row = np.zeros(arr.shape[1], np.float32)
         row[: len(audio[rate])] = audio[rate]
@@ -195,8 +196,8 @@ def decode_shard(rows: pd.DataFrame, out: str | Path, *, n_segments: int | None,
     """
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', not {on_error!r}")
-    if sample_frames_per_segment < 1:
-        raise ValueError("sample_frames_per_segment must be >= 1")
+    if sample_frames_per_segment < 0:
+        raise ValueError("sample_frames_per_segment must be >= 0 (0: no frame sample, e.g. no fine-tuning)")
     if n_segments is not None and n_segments < 1:
         raise ValueError("n_segments must be >= 1 or None")
     for col in ("video_id", "path"):
@@ -223,7 +224,7 @@ def decode_shard(rows: pd.DataFrame, out: str | Path, *, n_segments: int | None,
                                  dtype="float32", fill_value=0.0, compressors=AUDIO_COMPRESSORS)
             for r in audio_rates}
         frames_arr = root.create_array("frames", shape=(n, max_seg, k, *FRAME_SIZE, 3),
-                                       chunks=(1, max_seg, k, *FRAME_SIZE, 3), dtype="uint8", fill_value=0,
+                                       chunks=(1, max_seg, max(k, 1), *FRAME_SIZE, 3), dtype="uint8", fill_value=0,
                                        compressors=FRAME_COMPRESSORS)
         # Rows are written by a background thread while the next video decodes
         # (compression and I/O release the GIL); one row in flight bounds memory.
