@@ -1,0 +1,147 @@
+"""Training-loop benchmark: epoch time, data-loading share and peak memory per head.
+
+Each head runs in its own subprocess (so peak RSS is that head's alone) on AVE-sized
+synthetic features: N training videos of 10 x 7 x 7 x 512 visual + 10 x 128 audio
+(float32 by default), trained by ``avepipe.train.train_head`` for ``--epochs`` epochs.
+Printed beside the reference anchors (REFERENCE §3, 2-core CPU, random features, batch
+64, data loading excluded): CACE-Net 168 s/epoch float32 (peak RSS 2.3 GB float32,
+3.7 GB float64); Ge et al. 205 s/epoch, 4.4 GB.
+
+    python benchmarks/train.py                          # all heads, 3339 videos (slow)
+    python benchmarks/train.py --heads avel --videos 128 --eval-videos 32
+
+"peak" is the process's max RSS; "peak-data" subtracts the RSS measured right after
+the synthetic features were built, i.e. what training itself adds (the reference
+numbers did not hold the dataset in memory).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ANCHORS = {
+    "cace_net": "CACE-Net ref: 168 s/epoch f32 (441 s f64), peak 2.3 GB f32 / 3.7 GB f64",
+    "event_memory": "Ge et al. ref: 205 s/epoch, peak 4.4 GB",
+}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _synthetic(n_train: int, n_eval: int, dtype: str, seed: int = 0):
+    import numpy as np
+
+    from avepipe.train import data_from_arrays
+
+    rng = np.random.default_rng(seed)
+    n = n_train + 2 * n_eval
+    visual = np.empty((n, 10, 7, 7, 512), dtype=dtype)
+    for lo in range(0, n, 256):   # chunked: never a float64 copy of the whole array
+        hi = min(lo + 256, n)
+        visual[lo:hi] = rng.standard_normal((hi - lo, 10, 7, 7, 512), dtype=np.float32)
+    audio = rng.standard_normal((n, 10, 128), dtype=np.float32).astype(dtype)
+    label = rng.integers(0, 28, n)
+    start = rng.integers(0, 8, n)
+    end = np.minimum(start + rng.integers(2, 10, n), 10)
+    t = np.arange(10)[None]
+    cls = np.where((t >= start[:, None]) & (t < end[:, None]), label[:, None], 28)
+    seg = np.eye(29, dtype=np.float32)[cls]
+    split = np.array(["train"] * n_train + ["val"] * n_eval + ["test"] * n_eval)
+    return data_from_arrays(visual, audio, seg, split)
+
+
+def child(args) -> dict:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from avepipe.train import train_head
+
+    rss0 = _rss_bytes()
+    t0 = time.perf_counter()
+    data = _synthetic(args.videos, args.eval_videos, args.dtype)
+    build_s = time.perf_counter() - t0
+    rss_data = _rss_bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        kw = {"batch_size": args.batch_size} if args.batch_size else {}
+        train_head(args.child, args.setting, data, tmp, seed=0, epochs=args.epochs, select_on="last",
+                   progress=False, device=args.device, **kw)
+        log = [json.loads(x) for x in Path(tmp, "log.jsonl").read_text().splitlines()]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    last = log[-1]
+    return {"head": args.child, "setting": args.setting, "videos": args.videos, "dtype": args.dtype,
+            "threads": torch.get_num_threads(), "epoch_s": last["train_s"], "data_s": last["data_s"],
+            "data_share": last["data_share"], "eval_s": last["eval_s"], "build_s": build_s,
+            "rss_start_gb": rss0 / 1e9, "rss_data_gb": rss_data / 1e9, "peak_gb": peak / 1e9,
+            "peak_minus_data_gb": (peak - rss_data + rss0) / 1e9,
+            "epoch_s_per_3339": last["train_s"] * 3339 / args.videos}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--heads", nargs="*", help="heads to run (default: every importable head)")
+    p.add_argument("--videos", type=int, default=3339, help="training videos (AVE: 3339)")
+    p.add_argument("--eval-videos", type=int, default=402, help="val and test videos each (AVE: 402)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs; the last one is reported")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the head's TRAIN_DEFAULTS")
+    p.add_argument("--setting", default="full")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                   help="in-memory feature dtype (the store default is float16)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.child:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return 0
+
+    from avepipe.heads import available
+
+    heads = args.heads or available()
+    results = []
+    for head in heads:
+        cmd = [sys.executable, __file__, "--child", head, "--videos", str(args.videos),
+               "--eval-videos", str(args.eval_videos), "--epochs", str(args.epochs),
+               "--setting", args.setting, "--dtype", args.dtype, "--device", args.device]
+        for flag, val in (("--batch-size", args.batch_size), ("--threads", args.threads)):
+            if val:
+                cmd += [flag, str(val)]
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(f"{head}: failed (rc {proc.returncode})\n{proc.stderr[-2000:]}", file=sys.stderr)
+            results.append({"head": head, "error": proc.stderr[-2000:]})
+            continue
+        results.append(json.loads(line[-1][len("RESULT "):]))
+
+    print(f"\n{args.videos} training videos, {args.eval_videos} val/test each, {args.dtype}, "
+          f"setting {args.setting}, device {args.device}")
+    hdr = f"{'head':<14}{'epoch s':>9}{'s/3339':>9}{'data %':>8}{'eval s':>8}{'peak GB':>9}{'-data GB':>9}  reference"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in results:
+        if "error" in r:
+            print(f"{r['head']:<14}  failed")
+            continue
+        print(f"{r['head']:<14}{r['epoch_s']:>9.2f}{r['epoch_s_per_3339']:>9.1f}{100 * r['data_share']:>8.2f}"
+              f"{r['eval_s']:>8.2f}{r['peak_gb']:>9.2f}{r['peak_minus_data_gb']:>9.2f}  {ANCHORS.get(r['head'], '')}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""avepipe.metrics against hand-computed values and a plain-loop ActivityNet reference."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from avepipe import metrics as M
+
+
+# --------------------------------------------------------------------------- AVE segments
+PRED = np.array([[0, 28, 1], [2, 2, 28]])
+TARGET = np.array([[0, 28, 28], [2, 1, 28]])
+
+
+def test_segment_accuracy_by_hand():
+    # matches: 0=0 yes, 28=28 yes, 1 vs 28 no, 2=2 yes, 2 vs 1 no, 28=28 yes -> 4/6
+    assert M.segment_accuracy(PRED, TARGET) == pytest.approx(4 / 6)
+
+
+def test_segment_accuracy_accepts_one_hot_and_checks_shapes():
+    onehot = np.eye(29)[TARGET]
+    assert M.segment_accuracy(PRED, onehot) == pytest.approx(4 / 6)
+    with pytest.raises(ValueError):
+        M.segment_accuracy(PRED[:1], TARGET)
+
+
+def test_confusion_matrix_by_hand():
+    cm = M.confusion_matrix(PRED, TARGET, num_classes=29)
+    assert cm.shape == (29, 29) and cm.sum() == 6
+    expected = {(0, 0): 1, (28, 28): 2, (28, 1): 1, (2, 2): 1, (1, 2): 1}  # (true, pred)
+    for (t, p), n in expected.items():
+        assert cm[t, p] == n
+    assert sum(expected.values()) == cm.sum()
+
+
+def test_per_class_accuracy_by_hand():
+    acc = M.per_class_accuracy(PRED, TARGET, num_classes=29)
+    # class 0: 1/1; class 1: 0/1 (predicted 2); class 2: 1/1; background: 2 of 3
+    assert acc[0] == 1.0 and acc[1] == 0.0 and acc[2] == 1.0
+    assert acc[28] == pytest.approx(2 / 3)
+    assert np.isnan(acc[3:28]).all()       # no target segment: undefined, not 0
+
+
+# --------------------------------------------------------------------------- CML
+def test_cml_accuracy_constructed():
+    T = 10
+    t = np.arange(T, dtype=float)
+    zeros = np.zeros(T)
+    v = np.zeros((4, T, 2))
+    a = np.zeros((4, T, 2))
+    mask = np.zeros((4, T))
+    # video 0: event [3,6), both streams v[t] = a[t] = (t,0): distance |i-j|.
+    #   A2V score(p) = sum_i |p+i - (3+i)| = 3|p-3| -> argmin 3 == start: correct; V2A same.
+    v[0] = np.stack([t, zeros], 1)
+    a[0] = np.stack([t, zeros], 1)
+    mask[0, 3:6] = 1
+    # video 1: event [0,2), audio shifted by 4: a[t] = (t+4, 0).
+    #   A2V score(p) = sum_i |(p+i) - (i+4)| = 2|p-4| -> argmin 4 != 0: wrong.
+    #   V2A score(p) = sum_i |i - (p+i+4)| = 2(p+4)  -> argmin 0 == 0: correct.
+    v[1] = np.stack([t, zeros], 1)
+    a[1] = np.stack([t + 4, zeros], 1)
+    mask[1, 0:2] = 1
+    # video 2: all-event -> skipped (cmm_test.py); video 3: no event -> skipped.
+    v[2] = np.random.default_rng(0).normal(size=(T, 2))
+    mask[2] = 1
+    assert M.cml_accuracy(v, a, mask, "A2V") == pytest.approx(1 / 2)
+    assert M.cml_accuracy(v, a, mask, "V2A") == pytest.approx(2 / 2)
+    assert M.cml_accuracies(v, a, mask) == pytest.approx({"A2V": 0.5, "V2A": 1.0, "average": 0.75})
+    with pytest.raises(ValueError):
+        M.cml_accuracy(v, a, mask, "AV")
+
+
+def test_cml_accuracy_matches_loop_reference():
+    rng = np.random.default_rng(1)
+    n, T, D = 30, 10, 4
+    v, a = rng.normal(size=(n, T, D)), rng.normal(size=(n, T, D))
+    mask = np.zeros((n, T))
+    for i in range(n):
+        s = rng.integers(0, 9)
+        e = rng.integers(s + 1, 11)
+        mask[i, s:e] = 1
+    for direction in ("A2V", "V2A"):
+        correct = total = 0
+        for i in range(n):      # cmm_test.py, written as a plain loop
+            seg = np.flatnonzero(mask[i])
+            l = len(seg)
+            if l == T:
+                continue
+            total += 1
+            score = []
+            for p in range(T - l + 1):
+                s = 0.0
+                for j in range(l):
+                    if direction == "A2V":
+                        s += np.linalg.norm(v[i, p + j] - a[i, seg[j]])
+                    else:
+                        s += np.linalg.norm(v[i, seg[j]] - a[i, p + j])
+                score.append(s)
+            correct += int(np.argmin(score) == seg[0])
+        assert M.cml_accuracy(v, a, mask, direction) == pytest.approx(correct / total)
+
+
+# --------------------------------------------------------------------------- detection mAP
+def _df(rows, score=True):
+    cols = ["video_id", "t_start", "t_end", "label"] + (["score"] if score else [])
+    return pd.DataFrame(rows, columns=cols)
+
+
+def test_detection_ap_duplicates_by_hand():
+    gt = _df([("v1", 0, 10, "a"), ("v2", 20, 30, "a")], score=False)
+    pred = _df([
+        ("v1", 0, 10, "a", 0.9),   # tIoU 1 with v1 GT -> TP
+        ("v1", 0, 10, "a", 0.8),   # same GT again -> FP (duplicate)
+        ("v2", 20, 25, "a", 0.7),  # tIoU 5/10 = 0.5 with v2 GT
+        ("v3", 0, 5, "a", 0.6),    # video without GT -> FP
+    ])
+    res = M.detection_map(pred, gt, tious=[0.5, 0.6])
+    # theta 0.5: TP FP TP FP, npos 2 -> precision 1, 1/2, 2/3, 1/2; recall 1/2, 1/2, 1, 1
+    #   envelope at recall steps: 1 (0->1/2), 2/3 (1/2->1) -> AP = 0.5*1 + 0.5*2/3 = 5/6
+    assert res["mAP@0.5"] == pytest.approx(5 / 6)
+    # theta 0.6: the 0.5 match fails -> TP FP FP FP: recall stays 1/2 -> AP = 0.5*1 = 1/2
+    assert res["mAP@0.6"] == pytest.approx(1 / 2)
+    assert res["average_mAP"] == pytest.approx((5 / 6 + 1 / 2) / 2)
+    assert res["per_class"]["a"]["AP@0.5"] == pytest.approx(5 / 6)
+
+
+def test_detection_ap_overlapping_gts_takes_highest_tiou():
+    gt = _df([("v", 0, 10, "a"), ("v", 5, 15, "a")], score=False)
+    pred = _df([
+        # [4,12]: with GT1 [0,10] inter 6, union 12 -> 0.5; with GT2 [5,15] inter 7, union 11 -> 0.636
+        ("v", 4, 12, "a", 0.9),
+        # [0,10]: GT1 tIoU 1, GT2 5/15
+        ("v", 0, 10, "a", 0.8),
+    ])
+    res = M.detection_map(pred, gt, tious=[0.5, 0.6, 0.7])
+    # 0.5: first detection takes GT2 (highest tIoU, not the first GT), second takes GT1
+    #   -> TP TP, AP = 1. (Taking GT1 first would leave the second an FP: AP 0.5.)
+    assert res["mAP@0.5"] == pytest.approx(1.0)
+    # 0.6: 0.636 >= 0.6 -> GT2; second -> GT1: AP 1
+    assert res["mAP@0.6"] == pytest.approx(1.0)
+    # 0.7: FP then TP -> precision 0, 1/2; recall 0, 1/2 -> AP = 0.5 * 0.5 = 0.25
+    assert res["mAP@0.7"] == pytest.approx(0.25)
+
+
+def test_detection_classes_without_gt_excluded_and_missing_predictions_zero():
+    gt = _df([("v", 0, 10, "a"), ("v", 20, 30, "b")], score=False)
+    pred = _df([("v", 0, 10, "a", 0.9),       # perfect for a -> AP 1
+                ("v", 40, 50, "c", 0.8)])     # class c has no GT -> not in the mean
+    res = M.detection_map(pred, gt)           # b has GT but no detection -> AP 0
+    assert res["n_classes"] == 2
+    assert set(res["per_class"]) == {"a", "b"}
+    assert res["per_class"]["b"]["average_AP"] == 0.0
+    for k in ["mAP@0.1", "mAP@0.5", "mAP@0.9"]:
+        assert res[k] == pytest.approx(0.5)   # (1 + 0) / 2
+    assert res["average_mAP"] == pytest.approx(0.5)
+
+
+def test_detection_ranking_by_score_not_input_order():
+    gt = _df([("v", 0, 10, 3)], score=False)
+    pred = _df([("v", 50, 60, 3, 0.1), ("v", 0, 10, 3, 0.9)])   # the TP is listed last but scores highest
+    res = M.detection_map(pred, gt, tious=[0.5])
+    assert res["mAP@0.5"] == pytest.approx(1.0)
+    assert list(res["per_class"]) == [3]
+
+
+def _reference_map(pred: pd.DataFrame, gt: pd.DataFrame, tious) -> np.ndarray:
+    """ActivityNet compute_average_precision_detection, as a plain loop (per class)."""
+    aps = []
+    for c in pd.unique(gt["label"]):
+        g = gt[gt.label == c].reset_index(drop=True)
+        p = pred[pred.label == c]
+        p = p.iloc[np.argsort(-p["score"].to_numpy(), kind="stable")].reset_index(drop=True)
+        tp = np.zeros((len(tious), len(p)))
+        fp = np.zeros((len(tious), len(p)))
+        lock = -np.ones((len(tious), len(g)))
+        for i, row in p.iterrows():
+            cand = g[g.video_id == row.video_id]
+            if len(cand) == 0:
+                fp[:, i] = 1
+                continue
+            inter = np.clip(np.minimum(row.t_end, cand.t_end) - np.maximum(row.t_start, cand.t_start), 0, None)
+            union = (row.t_end - row.t_start) + (cand.t_end - cand.t_start) - inter
+            iou = (inter / union).to_numpy()
+            order = np.argsort(-iou, kind="stable")
+            for k, th in enumerate(tious):
+                for j in order:
+                    if iou[j] < th:
+                        fp[k, i] = 1
+                        break
+                    if lock[k, cand.index[j]] >= 0:
+                        continue
+                    tp[k, i] = 1
+                    lock[k, cand.index[j]] = i
+                    break
+                if tp[k, i] == 0 and fp[k, i] == 0:
+                    fp[k, i] = 1
+        ap = np.zeros(len(tious))
+        for k in range(len(tious)):
+            ctp, cfp = np.cumsum(tp[k]), np.cumsum(fp[k])
+            rec = ctp / len(g)
+            prec = ctp / np.maximum(ctp + cfp, 1e-12)
+            mprec = np.hstack([[0], prec, [0]])
+            mrec = np.hstack([[0], rec, [1]])
+            for j in range(len(mprec) - 2, -1, -1):
+                mprec[j] = max(mprec[j], mprec[j + 1])
+            idx = np.where(mrec[1:] != mrec[:-1])[0] + 1
+            ap[k] = np.sum((mrec[idx] - mrec[idx - 1]) * mprec[idx])
+        aps.append(ap)
+    return np.mean(aps, 0)
+
+
+def test_detection_map_matches_loop_reference_random():
+    rng = np.random.default_rng(0)
+    gts, preds = [], []
+    for v in range(25):
+        for _ in range(rng.integers(1, 4)):
+            s = rng.uniform(0, 50)
+            gts.append((f"v{v}", s, s + rng.uniform(1, 15), int(rng.integers(0, 5))))
+        for _ in range(rng.integers(0, 12)):
+            s = rng.uniform(0, 50)
+            preds.append((f"v{v}", s, s + rng.uniform(1, 15), int(rng.integers(0, 6)), float(rng.random())))
+    gt, pred = _df(gts, score=False), _df(preds)
+    tious = np.arange(0.1, 1.0, 0.1)
+    res = M.detection_map(pred, gt, tious)
+    ref = _reference_map(pred, gt, tious)
+    got = np.array([res[f"mAP@{round(t, 1):g}"] for t in tious])
+    np.testing.assert_allclose(got, ref, atol=1e-12)
+    assert res["average_mAP"] == pytest.approx(ref.mean())
+
+
+def test_detection_map_unav_sized_runs():
+    # 2,167 videos x 100 detections, ~3 GT each, 100 classes (UnAV-100 test size); vectorised
+    # matching keeps this around a second (no timing assertion: the machine is shared).
+    rng = np.random.default_rng(0)
+    nv, npv = 2167, 100
+    vids = np.repeat([f"v{i}" for i in range(nv)], 3)
+    s = rng.uniform(0, 40, len(vids))
+    gt = pd.DataFrame({"video_id": vids, "t_start": s, "t_end": s + rng.uniform(1, 10, len(vids)),
+                       "label": rng.integers(0, 100, len(vids))})
+    pv = np.repeat([f"v{i}" for i in range(nv)], npv)
+    ps = rng.uniform(0, 40, len(pv))
+    pred = pd.DataFrame({"video_id": pv, "t_start": ps, "t_end": ps + rng.uniform(1, 10, len(pv)),
+                         "label": rng.integers(0, 100, len(pv)), "score": rng.random(len(pv))})
+    res = M.detection_map(pred, gt)
+    assert 0 <= res["average_mAP"] <= 1 and res["n_classes"] == 100
+    assert all(math.isfinite(res[f"mAP@{k / 10:g}"]) for k in range(1, 10))
+
+
+def test_interpolated_ap_envelope():
+    # precision 1, 0, 2/3 at recall 1/3, 1/3, 2/3: envelope 1 on (0,1/3], 2/3 on (1/3,2/3] -> 1/3 + 2/9
+    ap = M.interpolated_ap(np.array([[1, 0, 2 / 3]]), np.array([[1 / 3, 1 / 3, 2 / 3]]))
+    assert ap[0] == pytest.approx(1 / 3 + 2 / 9)

@@ -1,0 +1,303 @@
+"""The training loop: learning, determinism, resume after a kill, protocol records, data checks."""
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import avepipe.heads as H
+from avepipe import train as TR
+from avepipe.datasets.labels import ave_label_arrays
+
+torch.set_num_threads(1)
+T = 10
+
+
+def _manifest(n_train=24, n_val=8, n_test=8, seed=0):
+    rng = np.random.default_rng(seed)
+    n = n_train + n_val + n_test
+    start = rng.integers(0, 6, n)
+    return pd.DataFrame({
+        "sample": np.arange(n), "video_id": [f"vid{i:03d}" for i in range(n)],
+        "split": ["train"] * n_train + ["val"] * n_val + ["test"] * n_test,
+        "label": rng.integers(0, 4, n), "start": start, "end": start + rng.integers(2, 5, n),
+    })
+
+
+def _features(man, noise=0.3, seed=0, vshape=(2, 2, 16), adim=8):
+    """Both modalities carry the segment's class: an easily learnable problem."""
+    rng = np.random.default_rng(seed)
+    seg, _, _ = ave_label_arrays(man)
+    cls = seg.argmax(-1)
+    pv = rng.normal(size=(29, vshape[-1])).astype(np.float32)
+    pa = rng.normal(size=(29, adim)).astype(np.float32)
+    n = len(man)
+    visual = pv[cls].reshape(n, T, *([1] * (len(vshape) - 1)), vshape[-1]) + \
+        noise * rng.normal(size=(n, T, *vshape)).astype(np.float32)
+    audio = pa[cls] + noise * rng.normal(size=(n, T, adim)).astype(np.float32)
+    return visual.astype(np.float32), audio.astype(np.float32)
+
+
+def _fs(feats, ids, status=None):
+    """A FeatureSet look-alike (avepipe.store.FeatureSet fields)."""
+    n = len(ids)
+    return SimpleNamespace(features=feats, video_ids=np.asarray(ids), lengths=np.full(n, T, np.int32),
+                           status=np.asarray(status if status is not None else ["ok"] * n),
+                           reason=np.array([""] * n), attrs={"provenance": {"encoder": "synthetic"}})
+
+
+@pytest.fixture(scope="module")
+def data():
+    man = _manifest()
+    v, a = _features(man)
+    return TR.load_ave_data(man, _fs(v, man.video_id), _fs(a, man.video_id))
+
+
+def _run(data, tmp, **kw):
+    kw = {"seed": 0, "epochs": 3, "batch_size": 8, "progress": False, **kw}
+    return TR.train_head(kw.pop("head", "avel"), kw.pop("setting", "full"), data, tmp, **kw)
+
+
+def _weights(path):
+    return torch.load(path, weights_only=False)["model"]
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# --------------------------------------------------------------------------- learning + outputs
+def test_avel_learns_easy_problem_and_writes_outputs(data, tmp_path):
+    res = _run(data, tmp_path, epochs=8, lr=3e-3)
+    assert res["accuracy"] > 0.85
+    for f in ("checkpoint.pt", "best.pt", "log.jsonl", "metrics.json", "learning_curve.png"):
+        assert (tmp_path / f).exists(), f
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["accuracy"] == pytest.approx(res["accuracy"]) and 0 <= m["accuracy"] <= 1
+    assert m["select_on"] == "val" and m["n_failed_excluded"] == 0
+    assert np.array(m["confusion_matrix"]).shape == (29, 29)
+    assert np.array(m["confusion_matrix"]).sum() == 8 * T
+    assert len(m["per_class_accuracy"]) == 29
+    assert 0 <= m["selected_epoch"] < 8
+    assert m["provenance"]["code_fingerprint"] and m["provenance"]["features"]["visual"]["encoder"] == "synthetic"
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == list(range(8))
+    for key in ("loss", "losses", "val_acc", "test_acc", "lr", "time_s", "data_share"):
+        assert key in log[0]
+    assert log[-1]["loss"] < log[0]["loss"]
+    # the selected epoch is the best val epoch (first of ties)
+    vals = [r["val_acc"] for r in log]
+    assert m["selected_epoch"] == int(np.argmax(vals))
+
+
+def test_deterministic_on_cpu(data, tmp_path):
+    r1 = _run(data, tmp_path / "a")
+    r2 = _run(data, tmp_path / "b")
+    _assert_same_state(_weights(tmp_path / "a" / "checkpoint.pt"), _weights(tmp_path / "b" / "checkpoint.pt"))
+    assert r1["accuracy"] == r2["accuracy"] and r1["confusion_matrix"] == r2["confusion_matrix"]
+    r3 = _run(data, tmp_path / "c", seed=1)
+    w1, w3 = _weights(tmp_path / "a" / "checkpoint.pt"), _weights(tmp_path / "c" / "checkpoint.pt")
+    assert any(not torch.equal(w1[k], w3[k]) for k in w1)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_equals_uninterrupted(data, tmp_path):
+    full = _run(data, tmp_path / "full", epochs=4)
+
+    def kill(epoch, rec):
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        _run(data, tmp_path / "killed", epochs=4, on_epoch_end=kill)
+    ck = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
+    assert ck["epoch"] == 1 and not (tmp_path / "killed" / "metrics.json").exists()
+    # a kill between the log line and the checkpoint leaves a line for an epoch never saved
+    with open(tmp_path / "killed" / "log.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "loss": 123.0}) + "\n")
+    resumed = _run(data, tmp_path / "killed", epochs=4)
+    _assert_same_state(_weights(tmp_path / "full" / "checkpoint.pt"), _weights(tmp_path / "killed" / "checkpoint.pt"))
+    _assert_same_state(_weights(tmp_path / "full" / "best.pt"), _weights(tmp_path / "killed" / "best.pt"))
+    assert resumed["accuracy"] == full["accuracy"] and resumed["selected_epoch"] == full["selected_epoch"]
+    log = [json.loads(x) for x in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1, 2, 3] and all(r["loss"] != 123.0 for r in log)
+
+
+def test_resume_refuses_a_different_configuration(data, tmp_path):
+    _run(data, tmp_path, epochs=1)
+    with pytest.raises(ValueError, match="different run configuration"):
+        _run(data, tmp_path, epochs=1, lr=5e-4)
+    _run(data, tmp_path, epochs=1, lr=5e-4, resume=False)    # explicit fresh start is fine
+
+
+def test_select_on_test_is_recorded(data, tmp_path):
+    res = _run(data, tmp_path, epochs=2, select_on="test")
+    assert res["select_on"] == "test" and "TEST" in res["protocol"]
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(r["select_on"] == "test" for r in log)
+    assert res["selected_epoch"] == int(np.argmax([r["test_acc"] for r in log]))
+    with pytest.raises(ValueError):
+        _run(data, tmp_path / "x", select_on="train")
+
+
+# --------------------------------------------------------------------------- settings
+def test_weak_setting_never_reads_segment_labels(data, tmp_path):
+    tr = data.splits["train"]
+    poisoned = TR.AVEData(dict(data.splits), data.visual_shape, data.audio_dim, T)
+    poisoned.splits["train"] = TR.SplitData(tr.visual, tr.audio, torch.full_like(tr.segment_labels, float("nan")),
+                                            torch.full_like(tr.event_mask, float("nan")), tr.video_label,
+                                            tr.video_ids, tr.samples)
+    res = _run(poisoned, tmp_path, setting="weak", epochs=2)
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in log)
+    assert 0 <= res["accuracy"] <= 1          # evaluated per segment on (clean) test labels
+
+
+class Cheater(torch.nn.Module):
+    """A 'weak' head that wrongly reads segment labels: the loop must stop it."""
+    settings = ("weak",)
+
+    def __init__(self, visual_shape, audio_dim, setting="weak", num_classes=28):
+        super().__init__()
+        self.fc = torch.nn.Linear(audio_dim, 29)
+
+    def forward(self, visual, audio):
+        return {"logits": self.fc(audio)}
+
+    def loss(self, out, batch, epoch, n_epochs):
+        loss = torch.nn.functional.cross_entropy(out["logits"].flatten(0, 1),
+                                                 batch["segment_labels"].flatten(0, 1))
+        return loss, {}
+
+    def predict(self, out):
+        return out["logits"].argmax(-1)
+
+
+TRAIN_DEFAULTS = {"weak": dict(optimizer="adam", lr=1e-3, epochs=1, batch_size=8)}
+
+
+def test_weak_setting_stops_a_head_that_reads_segment_labels(data, tmp_path, monkeypatch):
+    monkeypatch.setitem(H.HEADS, "cheater", f"{__name__}:Cheater")
+    with pytest.raises(FloatingPointError, match="weak"):
+        TR.train_head("cheater", "weak", data, tmp_path, seed=0, progress=False)
+
+
+def test_cml_setting_reports_cml_accuracies(data, tmp_path):
+    res = _run(data, tmp_path, setting="cml", epochs=2, batch_size=4)
+    assert set(res["cml"]) == {"A2V", "V2A", "average"}
+    assert res["accuracy"] == pytest.approx(res["cml"]["average"])
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log[0]["val_cml"]["A2V"] is not None
+
+
+# --------------------------------------------------------------------------- data loading
+def test_failed_videos_are_excluded_and_counted(tmp_path):
+    man = _manifest()
+    v, a = _features(man)
+    vstat = ["ok"] * len(man)
+    vstat[0] = vstat[30] = "failed"          # a train and a val sample
+    man["exists"] = True
+    man.loc[35, "exists"] = False              # a test sample whose file is missing
+    astat = ["ok"] * len(man)
+    astat[0] = "failed"                        # same sample failed in both: counted once
+    d = TR.load_ave_data(man, _fs(v, man.video_id, vstat), _fs(a, man.video_id, astat))
+    assert d.n_failed_excluded == 3
+    assert {f["video_id"] for f in d.failed} == {"vid000", "vid030", "vid035"}
+    assert (len(d.splits["train"]), len(d.splits["val"]), len(d.splits["test"])) == (23, 7, 7)
+    assert "vid000" not in d.splits["train"].video_ids
+    # rows follow the manifest: vid001 is the first train row, features intact
+    np.testing.assert_array_equal(d.splits["train"].audio[0].numpy(), a[1])
+    res = _run(d, tmp_path, epochs=1)
+    assert res["n_failed_excluded"] == 3 and res["n_train"] == 23
+
+
+def test_mismatched_ids_raise_before_training():
+    man = _manifest()
+    v, a = _features(man)
+    ids = list(man.video_id)
+    ids[3], ids[4] = ids[4], ids[3]
+    with pytest.raises(TR.DataMismatchError, match="video ids differ"):
+        TR.load_ave_data(man, _fs(v, ids), _fs(a, man.video_id))
+
+
+def test_mismatched_rows_steps_and_shapes_raise():
+    man = _manifest()
+    v, a = _features(man)
+    with pytest.raises(TR.DataMismatchError, match="rows"):
+        TR.load_ave_data(man, v[:-1], a)
+    with pytest.raises(TR.DataMismatchError, match="steps"):
+        TR.load_ave_data(man, v[:, :9], a[:, :9])
+    with pytest.raises(TR.DataMismatchError, match=r"\(N,T,C\)"):
+        TR.load_ave_data(man, v, a[..., None])
+    with pytest.raises(TR.DataMismatchError, match="column"):
+        TR.load_ave_data(man.drop(columns=["label"]), v, a)
+
+
+def test_plain_arrays_and_zarr_store(tmp_path):
+    from avepipe.store import open_features, write_feature_shard
+
+    man = _manifest(6, 2, 2)
+    v, a = _features(man)
+    d = TR.load_ave_data(man, v, a)           # plain arrays aligned with the manifest
+    assert d.visual_shape == (2, 2, 16) and d.audio_dim == 8
+    assert d.splits["train"].visual.dtype == torch.float32
+    # a real float16 store, opened in a different row order, reindexed to the manifest
+    order = np.random.default_rng(0).permutation(len(man))
+    write_feature_shard(tmp_path / "v.zarr", list(man.video_id[order]), v[order], dtype="float16")
+    write_feature_shard(tmp_path / "a.zarr", list(man.video_id[order]), a[order], dtype="float32")
+    d2 = TR.load_ave_data(man, open_features(tmp_path / "v.zarr", video_ids=list(man.video_id)), tmp_path / "a.zarr")
+    assert d2.splits["train"].visual.dtype == torch.float16   # kept half in memory, cast per batch
+    np.testing.assert_allclose(d2.splits["test"].visual.float().numpy(), v[8:], atol=2e-3)
+    np.testing.assert_array_equal(d2.splits["test"].audio.numpy(), a[8:])
+    b = d2.splits["train"].batch(torch.tensor([0, 1]), "cpu")
+    assert b["visual"].dtype == torch.float32 and b["segment_labels"].shape == (2, T, 29)
+
+
+def test_lr_factor_schedules():
+    cfg = {"epochs": 10, "schedule": {"kind": "multistep", "milestones": [2, 5], "gamma": 0.5}}
+    assert [TR.lr_factor(e, cfg) for e in (0, 1, 2, 4, 5, 9)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
+    cos = {"epochs": 4, "schedule": {"kind": "cosine"}, "warmup_epochs": 0}
+    assert [round(TR.lr_factor(e, cos), 6) for e in range(4)] == [1.0, round((1 + 2 ** -0.5) / 2, 6), 0.5,
+                                                                  round((1 - 2 ** -0.5) / 2, 6)]
+    warm = {"epochs": 6, "schedule": {"kind": "none"}, "warmup_epochs": 2}
+    assert [TR.lr_factor(e, warm) for e in range(4)] == [1 / 3, 2 / 3, 1, 1]
+    with pytest.raises(ValueError):
+        TR.lr_factor(0, {"epochs": 1, "schedule": {"kind": "poly"}})
+
+
+def test_batch_feeder_matches_direct_gather_and_reuses_buffers(data):
+    tr = data.splits["train"]
+    half = TR.SplitData(tr.visual.half(), tr.audio, tr.segment_labels, tr.event_mask, tr.video_label,
+                        tr.video_ids, tr.samples)
+    feeder = TR.BatchFeeder(half, 10, "cpu")
+    perm = torch.randperm(len(tr), generator=torch.Generator().manual_seed(0))
+    got, ptrs = [], set()
+    for b, waited in feeder.epoch(perm):
+        assert waited >= 0 and b["visual"].dtype == torch.float32
+        got.append({k: v.clone() for k, v in b.items()})
+        ptrs.add(b["visual"].data_ptr())
+    feeder.close()
+    assert [len(g["audio"]) for g in got] == [10, 10, 4]         # last batch partial
+    assert len(ptrs) == 2                                         # two buffer sets, reused
+    for i, g in enumerate(got):
+        ref = half.batch(perm[10 * i:10 * i + 10], "cpu")
+        for k in ref:
+            assert torch.equal(g[k], ref[k]), k
+    # a head reading only audio gets a zero-stride visual placeholder of the right shape
+    only_audio = TR.BatchFeeder(tr, 8, "cpu", inputs=("audio",))
+    b, _ = next(only_audio.epoch(perm))
+    assert b["visual"].shape == (8, T, 2, 2, 16) and b["visual"].stride()[0] == 0
+    only_audio.close()
+
+
+@pytest.mark.parametrize("head", ["audio_only", "visual_only"])
+def test_single_modality_heads_train(data, tmp_path, head):
+    res = _run(data, tmp_path, head=head, epochs=2)
+    assert 0 <= res["accuracy"] <= 1
