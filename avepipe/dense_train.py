@@ -5,9 +5,20 @@ the manifest's UnAV-100 annotations. Model selection on val average mAP (EMA wei
 the test split is evaluated once with the selected weights and written as UnAV/ActivityNet
 JSON predictions plus `metrics.json` (`mAP@0.1` ... `mAP@0.9`, `average_mAP`, fractions).
 
-Bad input (documented handling, each reported with the video id): events that end after
-the video's features (features shorter than the annotation) are clipped to the covered
-time; events wholly past the features are dropped.
+Bad input (documented handling, each reported with the video id in a logged warning and
+in ``metrics.json["warnings"]``):
+  * events that end after the video's features (features shorter than the annotation,
+    e.g. extraction keeps whole seconds) are clipped to the time the features cover;
+  * events wholly past the features are dropped;
+  * events outside [0, duration] are clipped to it; events of zero or negative length and
+    events with an unknown label id are dropped;
+  * videos failed in decode (manifest ``status``) or in extraction (store ``status``), or
+    with no feature step, are excluded and counted.
+
+Outputs in ``out_dir``: ``checkpoint.pt``, ``log.jsonl``, ``metrics.json``,
+``predictions.json`` (UnAV/ActivityNet result format), ``per_class_ap.csv`` (AP per class
+at every tIoU), ``ap.png`` (mAP vs tIoU, per-class AP) and ``pr_curve.png`` (precision /
+recall at tIoU 0.5, pooled over classes and per class).
 """
 from __future__ import annotations
 
@@ -50,74 +61,157 @@ class DenseData:
 
 
 def _pool(x: np.ndarray) -> np.ndarray:
-    return x.reshape(x.shape[0], -1, x.shape[-1]).mean(1) if x.ndim > 2 else x
+    """(L, H, W, C) maps -> (L, C) spatial means (the baseline uses pooled 2048-d features)."""
+    if x.ndim <= 2:
+        return x
+    return x.reshape(x.shape[0], -1, x.shape[-1]).astype(np.float32).mean(1)
 
 
-def load_dense_data(manifest: pd.DataFrame, visual_paths: Sequence[Path], audio_paths: Sequence[Path]) -> DenseData:
+def _read_rows(fs, rows: dict[int, int]) -> dict[int, np.ndarray]:
+    """Real steps of the store rows in ``rows`` ({store row: L}), pooled, read one dask block
+    at a time (per-row dask indexing would read a whole ~64 MiB block per video).
+    Pooled (L, C) stores keep their float dtype (float16 stays float16: half the memory);
+    pooled maps are float32 means."""
+    out: dict[int, np.ndarray] = {}
+    keep = np.float16 if fs.features.dtype == np.float16 and fs.features.ndim == 3 else np.float32
+    bounds = np.cumsum((0,) + fs.features.chunks[0])
+    for b in range(len(bounds) - 1):
+        lo, hi = int(bounds[b]), int(bounds[b + 1])
+        want = [r for r in range(lo, hi) if r in rows]
+        if not want:
+            continue
+        block = fs.features.blocks[b][: want[-1] - lo + 1].compute(scheduler="synchronous")
+        for r in want:
+            # a copy, not a view: a view would keep the whole ~64 MiB block alive
+            out[r] = np.array(_pool(block[r - lo, : rows[r]]), dtype=keep, order="C", copy=True)
+        del block
+    return out
+
+
+def _store_rows(fs, ids: list[str], what: str) -> list[int]:
+    pos = {str(v): i for i, v in enumerate(fs.video_ids)}
+    missing = [v for v in ids if v not in pos]
+    if missing:
+        raise KeyError(f"{len(missing)} video(s) decoded ok but absent from the {what} feature store "
+                       f"{fs.attrs.get('shards', [])[:1]}...: {missing[:5]}")
+    return [pos[v] for v in ids]
+
+
+def load_dense_data(manifest: pd.DataFrame, visual_paths: Sequence[Path], audio_paths: Sequence[Path],
+                    classes: Sequence[str] | None = None) -> DenseData:
+    """Features and events of every usable video (see the module docstring for bad input).
+
+    ``manifest``: index/manifest rows (``video_id``, ``split``, ``duration``, ``events`` JSON,
+    ``status``). ``visual_paths`` / ``audio_paths``: feature shards or directories of them,
+    written with window/hop (``attrs["provenance"]["window"|"hop"]``). ``classes``: names by
+    label id (default: the names found in the events, then ``UNAV_CLASSES``); events with an
+    id outside it are dropped.
+    """
+    from avepipe.datasets.unav100 import UNAV_CLASSES
     from avepipe.store import open_features
 
-    ok = manifest[manifest["status"] == "ok"].reset_index(drop=True)
+    missing = [c for c in ("video_id", "split", "duration", "events", "status") if c not in manifest.columns]
+    if missing:
+        raise ValueError(f"manifest lacks columns {missing} (UnAV-100 manifest expected)")
+    ok = manifest[manifest["status"] == "ok"].drop_duplicates("video_id").reset_index(drop=True)
     n_failed = int((manifest["status"] != "ok").sum())
     ids = ok["video_id"].astype(str).tolist()
-    vs = open_features([Path(p) for p in visual_paths], video_ids=ids)
-    au = open_features([Path(p) for p in audio_paths], video_ids=ids)
+    vs = open_features([Path(p) for p in visual_paths])
+    au = open_features([Path(p) for p in audio_paths])
     pv, pa = vs.attrs.get("provenance", {}), au.attrs.get("provenance", {})
     hop = float(pv.get("hop") or pa.get("hop") or 0)
     window = float(pv.get("window") or pa.get("window") or 0)
     if not hop or not window:
-        raise ValueError("dense head needs window/hop feature stores (config `windows:`); stores carry none")
-    if pa.get("hop") and abs(float(pa["hop"]) - hop) > 1e-9:
-        raise ValueError(f"visual hop {hop} != audio hop {pa['hop']}: features are not aligned")
-    bad = [v for v, s1, s2 in zip(ids, vs.status, au.status) if s1 != "ok" or s2 != "ok"]
-    labels: dict[int, str] = {}
-    visual, audio, events, keep, warns, t0 = [], [], [], [], [], []
+        raise ValueError("dense head needs window/hop feature stores (config `windows:`); "
+                         f"{vs.attrs.get('shards', ['?'])[0]} carries none in attrs['provenance']")
+    for name, p in (("audio", pa), ("visual", pv)):
+        if p.get("hop") and abs(float(p["hop"]) - hop) > 1e-9 or p.get("window") and abs(float(p["window"]) - window) > 1e-9:
+            raise ValueError(f"{name} window/hop {p.get('window')}/{p.get('hop')} != {window}/{hop}: "
+                             "visual and audio features are not aligned")
+    rv, ra = _store_rows(vs, ids, "visual"), _store_rows(au, ids, "audio")
+    warns: list[str] = []
+    use, n_bad = [], 0
     for i, vid in enumerate(ids):
-        if vid in bad:
-            continue
-        L = int(min(vs.lengths[i], au.lengths[i]))
-        if L < 1:
-            warns.append(f"{vid}: no feature steps; excluded")
-            continue
-        v = _pool(np.asarray(vs.features[i, :L], dtype=np.float32))
-        a = np.asarray(au.features[i, :L], dtype=np.float32).reshape(L, -1)
-        start = float(np.asarray(vs.timestamps[i])[0]) if vs.timestamps is not None else 0.0
-        covered = start + (L - 1) * hop + window
+        if vs.status[rv[i]] != "ok" or au.status[ra[i]] != "ok":
+            why = vs.reason[rv[i]] if vs.status[rv[i]] != "ok" else au.reason[ra[i]]
+            warns.append(f"{vid}: feature extraction failed ({why}); excluded")
+            n_bad += 1
+        elif min(vs.lengths[rv[i]], au.lengths[ra[i]]) < 1:
+            warns.append(f"{vid}: no feature step; excluded")
+            n_bad += 1
+        else:
+            use.append(i)
+    L = {i: int(min(vs.lengths[rv[i]], au.lengths[ra[i]])) for i in use}
+    vis = _read_rows(vs, {rv[i]: L[i] for i in use})
+    aud = _read_rows(au, {ra[i]: L[i] for i in use})
+
+    parsed = {i: json.loads(ok.loc[i, "events"] or "[]") for i in use}
+    names: dict[int, str] = {}
+    for evs in parsed.values():
+        for e in evs:
+            if isinstance(e.get("label_id"), int) and e["label_id"] >= 0:
+                names.setdefault(int(e["label_id"]), str(e.get("label", "")))
+    if classes is None:
+        n = max(names) + 1 if names else 1
+        classes = [names.get(k) or (UNAV_CLASSES[k] if k < len(UNAV_CLASSES) else f"class_{k}") for k in range(n)]
+    classes = list(classes)
+
+    visual, audio, events, t0 = [], [], [], []
+    for i in use:
+        vid, dur = ids[i], float(ok.loc[i, "duration"])
+        ts = vs.timestamps[rv[i]]
+        start = float(ts[0]) if np.isfinite(ts[0]) else 0.0
+        covered = start + (L[i] - 1) * hop + window  # end of the last feature window
         ev = []
-        for e in json.loads(ok.loc[i, "events"]):
-            s, t = map(float, e["segment"])
-            labels[int(e["label_id"])] = e["label"]
-            if s >= covered:
-                warns.append(f"{vid}: event {e['label']} [{s:.2f},{t:.2f}] starts after the features end "
-                             f"({covered:.2f} s); dropped")
+        for e in parsed[i]:
+            lid = e.get("label_id")
+            try:
+                s, t = map(float, e["segment"])
+            except (KeyError, TypeError, ValueError):
+                warns.append(f"{vid}: event {e!r} has no [t0, t1] segment; dropped")
                 continue
-            if t > covered + 1e-6:
-                warns.append(f"{vid}: event {e['label']} [{s:.2f},{t:.2f}] clipped to the features' end {covered:.2f} s")
-                t = covered
-            ev.append((s, t, int(e["label_id"])))
-        visual.append(v)
-        audio.append(a)
+            what = f"event {e.get('label')!r} [{s:.2f}, {t:.2f}]"
+            if not isinstance(lid, int) or not 0 <= lid < len(classes):
+                warns.append(f"{vid}: {what} has unknown label_id {lid!r}; dropped")
+                continue
+            c0, c1 = max(s, 0.0), min(t, dur)
+            if (c0, c1) != (s, t) and c1 > c0:
+                warns.append(f"{vid}: {what} outside [0, {dur:.2f}] s; clipped to [{c0:.2f}, {c1:.2f}]")
+            if c1 <= c0:
+                warns.append(f"{vid}: {what} has zero or negative length within [0, {dur:.2f}] s; dropped")
+                continue
+            if c0 >= covered:
+                warns.append(f"{vid}: {what} starts after the features end ({covered:.2f} s); dropped")
+                continue
+            if c1 > covered + 1e-6:
+                warns.append(f"{vid}: {what} clipped to the features' end {covered:.2f} s "
+                             f"(features shorter than the annotation)")
+                c1 = covered
+            ev.append((c0, c1, lid))
+        visual.append(vis[rv[i]])
+        audio.append(aud[ra[i]])
         events.append(np.asarray(ev, dtype=np.float64).reshape(-1, 3))
-        keep.append(i)
         t0.append(start)
     for w in warns:
         log.warning("%s", w)
-    n_classes = max(labels) + 1 if labels else 1
-    classes = [labels.get(k, f"class_{k}") for k in range(n_classes)]
-    sub = ok.loc[keep]
-    log.info("dense data: %d videos (%d failed in decode, %d failed in extraction)", len(keep), n_failed, len(bad))
-    return DenseData([ids[i] for i in keep], sub["split"].to_numpy(), visual, audio, np.asarray(t0), hop, window,
-                     sub["duration"].to_numpy(dtype=float), events, classes,
-                     warns + [f"{v}: failed feature extraction; excluded" for v in bad])
+    if n_failed or n_bad:
+        warns.append(f"excluded {n_failed} video(s) failed in decode and {n_bad} failed in feature extraction")
+    log.info("dense data: %d videos (%d failed in decode, %d failed in extraction)", len(use), n_failed, n_bad)
+    sub = ok.loc[use]
+    return DenseData([ids[i] for i in use], sub["split"].astype(str).to_numpy(), visual, audio, np.asarray(t0),
+                     hop, window, sub["duration"].to_numpy(dtype=float), events, classes, warns)
 
 
 # ---------------------------------------------------------------- time <-> step coordinates
 def to_steps(t: np.ndarray, t0: float, hop: float, window: float) -> np.ndarray:
-    """Seconds -> finest-level coordinates where feature i's centre sits at i + 0.5."""
-    return (t - (t0 + window / 2)) / hop + 0.5
+    """Seconds -> finest-level coordinates where feature i (its window's centre) sits at i
+    (the baseline: (t * fps - num_frames / 2) / feat_stride)."""
+    return (t - (t0 + window / 2)) / hop
 
 
 def to_seconds(u: np.ndarray, t0: float, hop: float, window: float) -> np.ndarray:
-    return (u - 0.5) * hop + t0 + window / 2
+    """Inverse of ``to_steps`` (the baseline: (u * feat_stride + num_frames / 2) / fps)."""
+    return u * hop + t0 + window / 2
 
 
 def _batch(data: DenseData, idx: Sequence[int], levels: int, device):
@@ -131,7 +225,7 @@ def _batch(data: DenseData, idx: Sequence[int], levels: int, device):
     ev = []
     for b, i in enumerate(idx):
         L = lengths[b]
-        v[b, :L] = torch.from_numpy(data.visual[i])
+        v[b, :L] = torch.from_numpy(data.visual[i])  # float16 stores -> float32 here
         a[b, :L] = torch.from_numpy(data.audio[i])
         m[b, :L] = True
         e = data.events[i].copy()
@@ -146,6 +240,7 @@ def predict(model: DenseLocalizer, data: DenseData, idx: Sequence[int], device, 
             sigma=0.4, max_segments=100, min_score=0.001) -> pd.DataFrame:
     model.eval()
     rows = []
+    idx = sorted(idx, key=lambda i: len(data.visual[i]))  # similar lengths batch with less padding
     for s in range(0, len(idx), batch_size):
         chunk = list(idx[s:s + batch_size])
         v, a, m, _, lengths = _batch(data, chunk, model.levels, device)
@@ -186,47 +281,59 @@ def _lr_lambda(epochs: int, warmup: int, steps_per_epoch: int):
 def train_dense(data: DenseData, out_dir: Path, *, seed=0, epochs=None, batch_size=None, lr=None,
                 select_on="val", device="auto", tious=tuple(np.round(np.arange(0.1, 1.0, 0.1), 1)),
                 eval_every=5, progress=True, sigma=0.4, max_segments=100, min_score=0.001,
-                config: dict | None = None, **hparams) -> dict:
+                config: dict | None = None, stop_after_epoch: int | None = None, **hparams) -> dict:
+    """Train ``DenseLocalizer`` on the train split, select on ``select_on`` (average mAP of
+    the EMA weights every ``eval_every`` epochs), evaluate the test split once.
+
+    ``epochs`` counts the cosine epochs; warm-up epochs (``min(5, epochs // 8)``) come on
+    top, as the baseline's "40 epochs + 5 warm-up". A ``checkpoint.pt`` of an unfinished
+    run is resumed (weights, EMA, optimiser, schedule, RNG, best-so-far).
+    ``stop_after_epoch``: leave after that epoch with the checkpoint written (budgeted or
+    preempted runs; returns ``{"stopped_at": epoch}``). Returns the metrics dict.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     d = dict(TRAIN_DEFAULTS["full"])
     epochs, batch_size, lr = epochs or d["epochs"], batch_size or d["batch_size"], lr or d["lr"]
+    warm = min(d["warmup_epochs"], epochs // 8)
+    total = epochs + warm
     torch.manual_seed(seed)
     np.random.seed(seed)
-    torch.use_deterministic_algorithms(dev.type == "cpu", warn_only=True)
+    # no torch.use_deterministic_algorithms: it is process-global and imports torch._inductor
+    # (~10 s); the CPU kernels used here are deterministic (tests/test_dense_train.py checks it)
     hp = {"levels": 6, **hparams}
     model = DenseLocalizer(data.visual[0].shape[1], data.audio[0].shape[1], len(data.classes), **hp).to(dev)
     ema = copy.deepcopy(model).requires_grad_(False)
     train_idx, sel_idx, test_idx = data.subset("train"), data.subset(select_on), data.subset("test")
     if not train_idx or not test_idx:
         raise ValueError(f"need train and test videos, got {len(train_idx)} / {len(test_idx)}")
+    if not sel_idx:
+        log.warning("no %s videos: model selection falls back to the train split", select_on)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=d["weight_decay"])
     steps = math.ceil(len(train_idx) / batch_size)
-    warm = min(d["warmup_epochs"], max(epochs // 8, 0))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(epochs, warm, steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, warm, steps))
     ckpt_path = out_dir / "checkpoint.pt"
     start, best, history = 0, {"score": -1.0, "epoch": 0, "state": None}, []
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        if ck.get("done"):
-            ck = None
-        else:
+        if not ck.get("done"):
             model.load_state_dict(ck["model"])
             ema.load_state_dict(ck["ema"])
             opt.load_state_dict(ck["opt"])
             sched.load_state_dict(ck["sched"])
             torch.set_rng_state(ck["rng"])
             start, best, history = ck["epoch"], ck["best"], ck["history"]
+            log.info("resuming %s at epoch %d", ckpt_path, start)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(start):
+    for _ in range(start):  # replay the shuffles of the epochs already done
         torch.randperm(len(train_idx), generator=gen)
     post = dict(sigma=sigma, max_segments=max_segments, min_score=min_score)
     step = start * steps
     from tqdm import trange
 
-    for epoch in trange(start, epochs, disable=not progress, desc="dense"):
+    for epoch in trange(start, total, disable=not progress, desc="dense"):
         model.train()
         t0, parts = time.perf_counter(), []
         order = torch.randperm(len(train_idx), generator=gen).tolist()
@@ -234,6 +341,9 @@ def train_dense(data: DenseData, out_dir: Path, *, seed=0, epochs=None, batch_si
             idx = [train_idx[j] for j in order[s:s + batch_size]]
             v, a, m, ev, lengths = _batch(data, idx, model.levels, dev)
             loss, p = model.loss(model(v, a, m), ev)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {p} at epoch {epoch + 1} on videos "
+                                         f"{[data.video_ids[i] for i in idx]}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), d["clip_grad_norm"])
@@ -251,7 +361,7 @@ def train_dense(data: DenseData, out_dir: Path, *, seed=0, epochs=None, batch_si
             parts.append({"loss": float(loss.detach()), **p})
         rec = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
                **{k: float(np.mean([x[k] for x in parts])) for k in parts[0]}}
-        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+        if (epoch + 1) % eval_every == 0 or epoch + 1 == total:
             m_sel, _ = evaluate(ema, data, sel_idx or train_idx, dev, tious, **post)
             rec[f"{select_on}_average_mAP"] = m_sel["average_mAP"]
             if m_sel["average_mAP"] > best["score"]:
@@ -263,29 +373,125 @@ def train_dense(data: DenseData, out_dir: Path, *, seed=0, epochs=None, batch_si
         torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                     "sched": sched.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch + 1,
                     "best": best, "history": history}, ckpt_path)
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < total:
+            return {"stopped_at": epoch + 1}
     ema.load_state_dict(best["state"])
+    t_eval = time.perf_counter()
     metrics, preds = evaluate(ema, data, test_idx, dev, tious, **post)
-    write_predictions(preds, data, out_dir / "predictions.json")
-    metrics.update({"selected_epoch": best["epoch"], "select_on": select_on,
+    gt = ground_truth(data, test_idx)
+    write_predictions(preds, data, out_dir / "predictions.json", test_idx)
+    per_class = metrics.pop("per_class")
+    write_per_class_table(per_class, gt, data.classes, out_dir / "per_class_ap.csv")
+    metrics.update({"selected_epoch": best["epoch"], "select_on": select_on if sel_idx else "train",
                     f"{select_on}_average_mAP": best["score"], "n_test_videos": len(test_idx),
+                    "n_test_events": len(gt), "epochs": total, "warmup_epochs": warm,
+                    "test_eval_seconds": time.perf_counter() - t_eval,
+                    "post_processing": {"soft_nms_sigma": sigma, "max_segments": max_segments,
+                                        "min_score": min_score, "pre_nms_topk": 2000},
                     "warnings": data.warnings,
-                    "per_class_ap": {data.classes[int(k)]: v["average_AP"] for k, v in metrics.pop("per_class").items()}})
+                    "per_class_ap": {data.classes[int(k)]: v["average_AP"] for k, v in per_class.items()}})
     metrics["provenance"] = provenance("heads:dense", config or {}, hparams=hp, seed=seed)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     torch.save({"model": best["state"], "epoch": best["epoch"], "done": True, "classes": data.classes,
                 "hparams": hp}, ckpt_path)
     plot_ap(metrics, out_dir / "ap.png")
+    plot_pr(pr_curves(preds, gt, 0.5), data.classes, out_dir / "pr_curve.png")
     return metrics
 
 
-def write_predictions(preds: pd.DataFrame, data: DenseData, path: Path) -> None:
-    """UnAV / ActivityNet result format: {"version", "results": {vid: [{segment, label, label_id, score}]}}."""
-    results: dict[str, list] = {v: [] for v in data.video_ids if v in set(preds.video_id)}
-    for r in preds.itertuples():
-        results[r.video_id].append({"segment": [round(r.t_start, 3), round(r.t_end, 3)],
-                                    "label": data.classes[r.label], "label_id": int(r.label),
-                                    "score": round(r.score, 6)})
+def write_predictions(preds: pd.DataFrame, data: DenseData, path: Path, idx: Sequence[int] | None = None) -> None:
+    """UnAV / ActivityNet result format: {"version", "results": {vid: [{segment, label, label_id, score}]},
+    "external_data"}; every evaluated video (``idx``, default all) has an entry, best first."""
+    vids = [data.video_ids[i] for i in (idx if idx is not None else range(len(data.video_ids)))]
+    results: dict[str, list] = {v: [] for v in vids}
+    p = preds.sort_values("score", ascending=False, kind="stable")
+    names = list(data.classes)
+    cols = (p.video_id.astype(str).tolist(), np.round(p.t_start.to_numpy(float), 3).tolist(),
+            np.round(p.t_end.to_numpy(float), 3).tolist(), p.label.to_numpy(np.int64).tolist(),
+            np.round(p.score.to_numpy(float), 6).tolist())
+    for vid, s, e, lab, sc in zip(*cols):
+        results.setdefault(vid, []).append({"segment": [s, e], "label": names[lab], "label_id": lab, "score": sc})
     path.write_text(json.dumps({"version": "unav100", "results": results, "external_data": {}}))
+
+
+def write_per_class_table(per_class: dict, gt: pd.DataFrame, classes: Sequence[str], path: Path) -> pd.DataFrame:
+    """``per_class_ap.csv``: one row per class with ground truth (label_id, class, n_gt,
+    AP@0.1 ... AP@0.9, average_AP), fractions; best class first."""
+    n_gt = gt["label"].value_counts()
+    rows = [{"label_id": int(k), "class": classes[int(k)], "n_gt": int(n_gt.get(k, 0)), **v}
+            for k, v in per_class.items()]
+    df = pd.DataFrame(rows).sort_values(["average_AP", "label_id"], ascending=[False, True])
+    df.to_csv(path, index=False, float_format="%.6f")
+    return df
+
+
+def pr_curves(predictions: pd.DataFrame, ground_truth: pd.DataFrame, tiou: float = 0.5) -> dict:
+    """Precision/recall curves at one tIoU, matched exactly as ``metrics.detection_map``
+    (it reuses its matcher ``metrics._match``; metrics.py has no public curve helper).
+
+    Returns {"per_class": {label: {"precision", "recall" (arrays over that class's ranked
+    detections), "n_gt"}}, "pooled": {...}}: "pooled" ranks every detection of every
+    class together by score, recall over all ground truth (a micro-averaged curve).
+    """
+    from avepipe.metrics import _match
+
+    gv, pv = ground_truth["video_id"].astype(str).to_numpy(), predictions["video_id"].astype(str).to_numpy()
+    gl, pl = ground_truth["label"].to_numpy(np.int64), predictions["label"].to_numpy(np.int64)
+    vid_codes, _ = pd.factorize(np.concatenate([gv, pv]))
+    n_vid = int(vid_codes.max()) + 1 if len(vid_codes) else 1
+    g_key = gl * n_vid + vid_codes[: len(gv)]
+    p_key = pl * n_vid + vid_codes[len(gv):]
+    g_ord = np.argsort(g_key, kind="stable")
+    gs = ground_truth["t_start"].to_numpy(np.float64)[g_ord]
+    ge = ground_truth["t_end"].to_numpy(np.float64)[g_ord]
+    grp_keys, grp_start, grp_len = np.unique(g_key[g_ord], return_index=True, return_counts=True)
+    score = predictions["score"].to_numpy(np.float64)
+    ps, pe = predictions["t_start"].to_numpy(np.float64), predictions["t_end"].to_numpy(np.float64)
+    tp = np.zeros(len(score), dtype=bool)
+    if len(grp_keys) and len(score):
+        pos = np.minimum(np.searchsorted(grp_keys, p_key), len(grp_keys) - 1)
+        m = np.flatnonzero(grp_keys[pos] == p_key)
+        if len(m):
+            p_ord = np.lexsort((np.arange(len(m)), -score[m], p_key[m]))
+            sk = p_key[m][p_ord]
+            rank = np.empty(len(m), dtype=np.int64)
+            rank[p_ord] = np.arange(len(m)) - np.searchsorted(sk, sk, side="left")
+            tp[m] = _match(pos[m], rank, ps[m], pe[m], grp_start, grp_len, gs, ge, [tiou])[0]
+
+    def curve(sel: np.ndarray, n_gt: int) -> dict:
+        o = sel[np.lexsort((sel, -score[sel]))]  # by score, ties in input order
+        ctp = np.cumsum(tp[o])
+        k = np.arange(1, len(o) + 1)
+        return {"precision": ctp / np.maximum(k, 1), "recall": ctp / max(n_gt, 1), "n_gt": int(n_gt)}
+
+    n_gt = pd.Series(gl).value_counts()
+    per = {int(c): curve(np.flatnonzero(pl == c), int(n_gt[c])) for c in sorted(n_gt.index)}
+    return {"tiou": tiou, "per_class": per, "pooled": curve(np.arange(len(score)), len(gl))}
+
+
+def plot_pr(curves: dict, classes: Sequence[str], path: Path) -> None:
+    """Pooled precision-recall curve (bold) over the per-class curves (thin) at one tIoU."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    for c, cv in curves["per_class"].items():
+        if len(cv["recall"]):
+            ax.plot(cv["recall"], cv["precision"], lw=0.7, alpha=0.5,
+                    label=classes[c] if len(curves["per_class"]) <= 10 else None)
+    pool = curves["pooled"]
+    ax.plot(pool["recall"], pool["precision"], color="k", lw=2, label="all classes (pooled)")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"precision-recall at tIoU {curves['tiou']:g}")
+    ax.legend(fontsize=6, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot_ap(metrics: dict, path: Path) -> None:

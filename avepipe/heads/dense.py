@@ -9,6 +9,15 @@ pyramid, eq. 1-6 adapted to 1-D features) and ``bece`` (background-event contras
 finest level, eq. 7-8, computed with log-sum-exp).
 
 Sequences have variable length: every op takes a (B,T) validity mask.
+
+Coordinates follow the baseline (libs/datasets/unav100.py, loc_generators.py): feature step i
+sits at point i (the centre of its window); level l has points at j * 2**l, the centre of
+the stride-2 convs' receptive field. Label assignment is the baseline's: a point is
+positive for every event that contains it and whose largest boundary distance, in
+finest steps, lies in the level's regression range (no centre sampling unless
+``center_radius`` is set); targets are distances divided by the level's stride.
+Differences from the baseline kept for size: one embedding conv, one transformer block
+per modality and level, a linear fusion instead of the dependency block.
 """
 from __future__ import annotations
 
@@ -83,10 +92,19 @@ class DenseLocalizer(nn.Module):
     def __init__(self, visual_dim: int, audio_dim: int, num_classes: int = 100, *, dim: int = 256,
                  heads: int = 4, levels: int = 6, dropout: float = 0.1, avca: bool = False, bece: bool = False,
                  bece_temperature: float = 0.01, bece_sigma: float = 0.1, bece_weight: float = 0.1,
-                 center_radius: float = 1.5, focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+                 center_radius: float | None = None, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+                 init_loss_norm: float = 250.0, loss_norm_momentum: float = 0.9,
+                 duration_thresh: float = 0.05):
         super().__init__()
+        if levels > len(REG_RANGES):
+            raise ValueError(f"levels must be <= {len(REG_RANGES)} (one regression range each), got {levels}")
         self.num_classes, self.levels, self.center_radius = num_classes, levels, center_radius
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.loss_norm_momentum, self.duration_thresh = loss_norm_momentum, duration_thresh
+        # EMA of the number of positive points normalises the losses (baseline: init 250,
+        # momentum 0.9) -- a per-batch count makes small batches noisy. A buffer, so it
+        # is checkpointed and resumes exactly.
+        self.register_buffer("loss_norm", torch.tensor(float(init_loss_norm)))
         self.bece, self.bece_t, self.bece_sigma, self.bece_w = bece, bece_temperature, bece_sigma, bece_weight
         self.embed_v = MaskedConv(visual_dim, dim)
         self.embed_a = MaskedConv(audio_dim, dim)
@@ -133,9 +151,12 @@ class DenseLocalizer(nn.Module):
     def targets(self, events: list[torch.Tensor], T: int, device) -> list[dict]:
         """Per level: cls target (B,Tl,K) and regression target (B,Tl,K,2) in level steps.
 
-        ``events[b]`` is (E,3): start step, end step (float, in finest-level steps), class.
-        A point is positive for an event's class when it lies in the event's centre region
-        (radius ``center_radius`` x stride) and the event's max distance fits the level's range.
+        ``events[b]`` is (E,3): start, end (float, finest-level steps; feature i at i), class.
+        As the baseline's ``label_points_single_video`` (class-aware): point p of level l
+        (at j * 2**l) is positive for an event's class when it lies strictly inside the
+        event and max(p - start, end - p), in finest steps, is within ``REG_RANGES[l]``
+        (the last level takes everything longer). Two events of one class at a point:
+        the shorter is regressed.
         """
         out = []
         B = len(events)
@@ -144,21 +165,19 @@ class DenseLocalizer(nn.Module):
             Tl = math.ceil(T / stride)  # = the strided convs' output length
             cls_t = torch.zeros(B, Tl, self.num_classes, device=device)
             reg_t = torch.zeros(B, Tl, self.num_classes, 2, device=device)
-            lo, hi = REG_RANGES[min(lvl, len(REG_RANGES) - 1)]
+            lo, hi = REG_RANGES[lvl]
             if lvl == self.levels - 1:
-                hi = 10_000
-            pts = (torch.arange(Tl, device=device, dtype=torch.float32) + 0.5) * stride  # centres, finest steps
+                hi = float("inf")
+            pts = torch.arange(Tl, device=device, dtype=torch.float32) * stride  # finest steps
             for b, ev in enumerate(events):
                 if len(ev) == 0:
                     continue
                 s, e, c = ev[:, 0:1].T, ev[:, 1:2].T, ev[:, 2].long()  # (1,E)
                 left, right = pts[:, None] - s, e - pts[:, None]  # (Tl,E)
-                inside = (left > 0) & (right > 0)
-                centre = (s + e) / 2
-                near = (pts[:, None] - centre).abs() <= self.center_radius * stride
-                reach = torch.maximum(left, right) / stride
-                ok = inside & near & (reach >= lo) & (reach <= hi)
-                # for overlapping events of one class at a point, keep the shortest (ActionFormer)
+                reach = torch.maximum(left, right)  # finest steps, as the baseline compares
+                ok = (left > 0) & (right > 0) & (reach >= lo) & (reach <= hi)
+                if self.center_radius is not None:  # ActionFormer's optional centre sampling
+                    ok &= (pts[:, None] - (s + e) / 2).abs() <= self.center_radius * stride
                 length = (e - s).expand_as(left).masked_fill(~ok, float("inf"))
                 for k in c.unique():
                     sel = c == k
@@ -174,22 +193,29 @@ class DenseLocalizer(nn.Module):
 
     # ------------------------------------------------------------------ losses
     def loss(self, out, events):
+        """Focal + class-aware DIoU, both summed and divided by the EMA of the number of
+        positive points (baseline ``losses``); plus ``bece_weight`` x BECE when enabled."""
         tg = self.targets(events, out["cls"][0].shape[1], out["cls"][0].device)
-        cls_l, reg_l, n_pos = 0.0, 0.0, 0.0
+        cls_l, reg_l, n_pos = 0.0, 0.0, 0
         for lvl in range(self.levels):
             logits, dist, m = out["cls"][lvl], out["reg"][lvl], out["masks"][lvl]
             Tl = logits.shape[1]
             ct, rt = tg[lvl]["cls"][:, :Tl], tg[lvl]["reg"][:, :Tl]
             valid = m[..., None].expand_as(logits)
             cls_l = cls_l + sigmoid_focal(logits[valid], ct[valid], self.focal_alpha, self.focal_gamma).sum()
-            pos = (ct > 0) & valid
+            pos = (ct > 0) & valid  # (point, class) pairs regressed (class-aware head)
             if pos.any():
                 reg_l = reg_l + diou_loss(dist[pos], rt[pos]).sum()
-            n_pos += float(pos.sum())
-        norm = max(n_pos, 1.0)
+            n_pos += int(((ct.sum(-1) > 0) & m).sum())  # positive points, as the baseline counts
+        if self.training:
+            with torch.no_grad():
+                mom = self.loss_norm_momentum
+                self.loss_norm.mul_(mom).add_((1 - mom) * max(n_pos, 1))
+        norm = float(self.loss_norm)
+        if not torch.is_tensor(reg_l):
+            reg_l = sum(d.sum() for d in out["reg"]) * 0.0  # keep the graph (no positives)
         loss = cls_l / norm + reg_l / norm
-        parts = {"cls": float(cls_l.detach() / norm),
-                 "reg": float(reg_l.detach() / norm) if torch.is_tensor(reg_l) else 0.0}
+        parts = {"cls": float(cls_l.detach() / norm), "reg": float(reg_l.detach() / norm), "n_pos": float(n_pos)}
         if self.bece:
             c = bece_contrast(self, out["fused0"], tg[0]["cls"], out["masks"][0])
             loss = loss + self.bece_w * c
@@ -199,27 +225,31 @@ class DenseLocalizer(nn.Module):
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
     def decode(self, out, b: int, pre_nms_topk=2000, min_score=0.001):
-        """Candidate (start, end, class, score) in finest steps for video ``b``."""
+        """Candidates (segments (N,2) in finest steps, labels, scores) of video ``b``.
+
+        As the baseline's ``inference_single_video``: per level keep scores above
+        ``min_score``, then that level's ``pre_nms_topk`` best, and drop segments shorter
+        than ``duration_thresh`` steps.
+        """
         segs, scores, labels = [], [], []
         for lvl in range(self.levels):
             stride = 2 ** lvl
             m = out["masks"][lvl][b]
             p = torch.sigmoid(out["cls"][lvl][b][m])  # (Tl,K)
             d = out["reg"][lvl][b][m]  # (Tl,K,2)
-            pts = (torch.arange(len(p), device=p.device, dtype=torch.float32) + 0.5) * stride
-            keep = p > min_score
-            t_idx, k_idx = keep.nonzero(as_tuple=True)
-            s = pts[t_idx] - d[t_idx, k_idx, 0] * stride
-            e = pts[t_idx] + d[t_idx, k_idx, 1] * stride
-            segs.append(torch.stack([s, e], -1))
-            scores.append(p[t_idx, k_idx])
-            labels.append(k_idx)
-        segs, scores, labels = torch.cat(segs), torch.cat(scores), torch.cat(labels)
-        if len(scores) > pre_nms_topk:
-            top = scores.topk(pre_nms_topk).indices
-            segs, scores, labels = segs[top], scores[top], labels[top]
-        valid = segs[:, 1] > segs[:, 0]
-        return segs[valid], labels[valid], scores[valid]
+            flat = p.flatten()
+            cand = (flat > min_score).nonzero()[:, 0]
+            if len(cand) > pre_nms_topk:
+                cand = cand[flat[cand].topk(pre_nms_topk).indices]
+            t_idx, k_idx = cand // self.num_classes, cand % self.num_classes
+            pts = t_idx.to(torch.float32) * stride
+            s = pts - d[t_idx, k_idx, 0] * stride
+            e = pts + d[t_idx, k_idx, 1] * stride
+            keep = (e - s) > self.duration_thresh
+            segs.append(torch.stack([s, e], -1)[keep])
+            scores.append(flat[cand][keep])
+            labels.append(k_idx[keep])
+        return torch.cat(segs), torch.cat(labels), torch.cat(scores)
 
 
 def sigmoid_focal(logits, targets, alpha=0.25, gamma=2.0):
@@ -267,34 +297,55 @@ def bece_contrast(model, fused, cls_t, mask):
 
 def soft_nms(segs, scores, labels, sigma=0.4, iou_threshold=0.7, max_segments=100, min_score=0.001,
              method="gaussian"):
-    """Soft-NMS per class (the UnAV baseline's post-processing, REFERENCE §7: Gaussian,
-    sigma 0.4, at most 100 segments, min score 0.001; ``iou_threshold`` is for "linear")."""
-    keep_s, keep_sc, keep_l = [], [], []
-    for k in labels.unique():
-        sel = labels == k
-        s, sc = segs[sel].clone(), scores[sel].clone()
-        while len(sc):
-            i = int(sc.argmax())
-            best, best_sc = s[i], sc[i]
-            if best_sc < min_score:
-                break
-            keep_s.append(best)
-            keep_sc.append(best_sc)
-            keep_l.append(k)
-            rest = torch.ones(len(sc), dtype=torch.bool, device=sc.device)
-            rest[i] = False
-            s, sc = s[rest], sc[rest]
-            if not len(sc):
-                break
-            inter = (torch.minimum(s[:, 1], best[1]) - torch.maximum(s[:, 0], best[0])).clamp(min=0)
-            iou = inter / ((s[:, 1] - s[:, 0]) + (best[1] - best[0]) - inter).clamp(min=1e-6)
-            if method == "gaussian":  # every overlap decays (ActionFormer/UnAV's soft-NMS)
-                decay = torch.exp(-(iou ** 2) / sigma)
-            else:  # linear: only overlaps above the threshold decay
-                decay = torch.where(iou > iou_threshold, 1 - iou, torch.ones_like(iou))
-            sc = sc * decay
-    if not keep_sc:
+    """Soft-NMS per class (the UnAV baseline's ``batched_nms``, multiclass, REFERENCE §7):
+    repeatedly keep a class's best segment and decay that class's others by
+    exp(-IoU^2 / sigma) ("gaussian") or by (1 - IoU) above ``iou_threshold`` ("linear");
+    segments decayed below ``min_score`` are discarded; the ``max_segments`` best kept
+    segments over all classes are returned, best first.
+
+    All classes run together on a (classes, candidates) table. Scores only decay, so a
+    class's i-th pick scores at least as high as its later ones: at most ``max_segments``
+    rounds are needed for the overall top ``max_segments``.
+    """
+    if len(scores) == 0:
         return segs[:0], scores[:0], labels[:0]
-    s, sc, lab = torch.stack(keep_s), torch.stack(keep_sc), torch.stack(keep_l)
-    order = sc.argsort(descending=True)[:max_segments]
+    classes, inv = labels.unique(return_inverse=True)
+    K = len(classes)
+    order = torch.argsort(inv, stable=True)
+    counts = torch.bincount(inv, minlength=K)
+    first = torch.cumsum(counts, 0) - counts
+    col = torch.arange(len(inv), device=inv.device) - first[inv[order]]
+    N = int(counts.max())
+    S = torch.full((K, N), -1.0, dtype=scores.dtype, device=scores.device)  # -1 = empty / removed
+    X0 = torch.zeros(K, N, dtype=segs.dtype, device=segs.device)
+    X1 = torch.zeros_like(X0)
+    S[inv[order], col] = scores[order]
+    X0[inv[order], col] = segs[order, 0]
+    X1[inv[order], col] = segs[order, 1]
+    area = X1 - X0
+    rows = torch.arange(K, device=scores.device)
+    kept_s, kept_sc, kept_l = [], [], []
+    for _ in range(min(max_segments, N)):
+        best_sc, j = S.max(1)
+        act = best_sc >= min_score
+        if not act.any():
+            break
+        b0, b1 = X0[rows, j], X1[rows, j]
+        kept_s.append(torch.stack([b0, b1], -1)[act])
+        kept_sc.append(best_sc[act])
+        kept_l.append(classes[act])
+        S[rows, j] = -1.0
+        inter = (torch.minimum(X1, b1[:, None]) - torch.maximum(X0, b0[:, None])).clamp(min=0)
+        iou = inter / (area + (b1 - b0)[:, None] - inter).clamp(min=1e-6)
+        if method == "gaussian":  # every overlap decays (ActionFormer/UnAV's soft-NMS)
+            decay = torch.exp(-(iou ** 2) / sigma)
+        else:  # linear: only overlaps at or above the threshold decay
+            decay = torch.where(iou >= iou_threshold, 1 - iou, torch.ones_like(iou))
+        live = (S >= 0) & act[:, None]
+        S = torch.where(live, S * decay, S)
+        S = torch.where(live & (S < min_score), torch.full_like(S, -1.0), S)
+    if not kept_sc:
+        return segs[:0], scores[:0], labels[:0]
+    s, sc, lab = torch.cat(kept_s), torch.cat(kept_sc), torch.cat(kept_l)
+    order = sc.argsort(descending=True, stable=True)[:max_segments]
     return s[order], sc[order], lab[order]

@@ -102,3 +102,53 @@ def test_learns_far_above_random_segments(tmp_path):
     assert metrics["average_mAP"] > 3 * rand["average_mAP"]
     assert (tmp_path / "predictions.json").exists() and (tmp_path / "metrics.json").exists()
     assert set(k for k in metrics if k.startswith("mAP@")) == {f"mAP@{t / 10:.1f}" for t in range(1, 10)}
+
+
+def test_targets_regression_range_in_finest_steps_and_points_at_stride_multiples():
+    # baseline label_points: points at j * 2**l; the range (0,4),(4,8),(8,inf) is compared with
+    # max(p - s, e - p) in finest steps. Event [0.5, 12.5]: reach >= 6 everywhere inside -> no
+    # level-0 point; level 1 (points 0,2,..): p=6 (reach 6.5), p=8 (7.5); level 2: p=4 (8.5), p=12 (11.5).
+    m = DenseLocalizer(4, 4, num_classes=2, dim=16, heads=2, levels=3)
+    tg = m.targets([torch.tensor([[0.5, 12.5, 1]])], 32, "cpu")
+    assert tg[0]["cls"].sum() == 0
+    assert tg[1]["cls"][0, :, 1].nonzero()[:, 0].tolist() == [3, 4]
+    assert tg[2]["cls"][0, :, 1].nonzero()[:, 0].tolist() == [1, 3]
+    assert tg[1]["reg"][0, 3, 1].tolist() == pytest.approx([5.5 / 2, 6.5 / 2])  # distances / stride
+    assert tg[2]["reg"][0, 3, 1].tolist() == pytest.approx([11.5 / 4, 0.5 / 4])
+
+
+def _soft_nms_reference(segs, scores, labels, sigma, min_score, max_segments):
+    """Sequential port of the baseline's softnms_1d_cpu (method 2) + batched_nms (multiclass)."""
+    out = []
+    for k in sorted(set(labels)):
+        cand = [[s, e, sc] for (s, e), sc, l in zip(segs, scores, labels) if l == k]
+        kept = []
+        while cand:
+            i = max(range(len(cand)), key=lambda j: cand[j][2])
+            b = cand.pop(i)
+            kept.append((b[0], b[1], b[2], k))
+            rest = []
+            for s, e, sc in cand:
+                inter = max(0.0, min(e, b[1]) - max(s, b[0]))
+                iou = inter / ((e - s) + (b[1] - b[0]) - inter)
+                sc *= math.exp(-iou * iou / sigma)
+                if sc >= min_score:
+                    rest.append([s, e, sc])
+            cand = rest
+        out += kept[:max_segments]
+    return sorted(out, key=lambda r: -r[2])[:max_segments]
+
+
+def test_soft_nms_matches_sequential_baseline_port():
+    rng = np.random.default_rng(0)
+    s = rng.uniform(0, 50, 300)
+    segs = np.stack([s, s + rng.uniform(0.5, 15, 300)], 1)
+    scores = rng.uniform(0.002, 1, 300)
+    labels = rng.integers(0, 6, 300)
+    ref = _soft_nms_reference(segs.tolist(), scores.tolist(), labels.tolist(), 0.4, 0.001, 40)
+    got_s, got_sc, got_l = soft_nms(torch.tensor(segs), torch.tensor(scores), torch.tensor(labels),
+                                    sigma=0.4, max_segments=40, min_score=0.001)
+    assert len(got_sc) == len(ref) == 40
+    np.testing.assert_allclose(got_sc.numpy(), [r[2] for r in ref], rtol=1e-9)
+    np.testing.assert_allclose(got_s.numpy(), [[r[0], r[1]] for r in ref])
+    assert got_l.tolist() == [r[3] for r in ref]
