@@ -64,4 +64,4 @@ rule store_summary:
     log:
         R + "/logs/store_summary/{enc}.log",
     shell:
-        "{AVEPIPE} inspect --json --out {output} {input} > {log} 2>&1"
+        "{AVEPIPE} inspect --json --out {output} results/{wildcards.run}/features/{wildcards.enc} > {log} 2>&1"

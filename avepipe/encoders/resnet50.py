@@ -1,0 +1,88 @@
+"""ResNet-50 trunk maps, as CACE-Net's ``Encoders/`` (REFERENCE §2).
+
+trunk = all children of torchvision ``resnet50()`` but avgpool/fc -> (B,2048,7,7),
+returned channels-last (B,7,7,2048); ``pooled=True`` gives the avgpool vector (B,2048).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models import ResNet50_Weights, resnet50
+
+from avepipe.encoders import EncoderSpec, LoadedEncoder
+from avepipe.encoders.vgg19 import frames_to_nchw
+from avepipe.encoders.weights import OfficialWeights, build_with_weights, layout_of
+
+PREPROCESSING = {"imagenet1k_v2": ResNet50_Weights.IMAGENET1K_V2, "imagenet1k_v1": ResNet50_Weights.IMAGENET1K_V1}
+
+
+class ResNet50Trunk(nn.Module):
+    """(N,3,224,224) -> (N,7,7,2048) channels-last, or (N,2048) when ``pooled``.
+
+    The trunk's children sit at top level, so the state dict keys are torchvision's
+    (conv1.*, bn1.*, layer1..4.*) minus fc.*: fine-tuned weights save in the official layout.
+    """
+
+    def __init__(self, pooled: bool = False):
+        super().__init__()
+        for name, child in resnet50().named_children():
+            if name not in ("avgpool", "fc"):
+                self.add_module(name, child)
+        self.pooled = pooled
+        self.memory_format = torch.channels_last  # load(channels_last=False) sets contiguous_format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=self.memory_format)
+        for child in self.children():
+            x = child(x)
+        return x.mean(dim=(2, 3)) if self.pooled else x.permute(0, 2, 3, 1)
+
+
+def make_preprocess(name: str = "imagenet1k_v2"):
+    """uint8 (N,H,W,3) -> float (N,3,224,224) with torchvision's transforms for those weights
+    (V2: resize 232 bilinear antialiased, centre crop 224, ImageNet mean/std)."""
+    if name not in PREPROCESSING:
+        raise ValueError(f"resnet50: preprocessing must be one of {tuple(PREPROCESSING)}, got {name!r}")
+    # partial of a module-level function: picklable for DataLoader workers
+    return partial(_apply, PREPROCESSING[name].transforms())
+
+
+def _apply(transform, frames: Any) -> torch.Tensor:
+    return transform(frames_to_nchw(frames))
+
+
+def load(spec: EncoderSpec, weights: str = "random", device: Any = "cpu", *,
+         preprocessing: str = "imagenet1k_v2", pooled: bool = False, seed: int | None = None,
+         channels_last: bool = True) -> LoadedEncoder:
+    """Build the ResNet-50 trunk. ``weights`` "imagenet" = IMAGENET1K_V2 ("imagenet1k_v1"
+    selects V1); ``preprocessing`` "imagenet1k_v2" (default, as CACE-Net) | "imagenet1k_v1"."""
+    pre = make_preprocess(preprocessing)
+    model, info = build_with_weights(spec, weights, partial(ResNet50Trunk, pooled=pooled),
+                                     official_layout=lambda: layout_of(resnet50), seed=seed)
+    model = model.eval().requires_grad_(False).to(device)
+    if channels_last:  # faster on CPU (oneDNN) and GPU; measured in the README/report
+        model = model.to(memory_format=torch.channels_last)
+    else:
+        model.memory_format = torch.contiguous_format
+    options = {"preprocessing": preprocessing, "pooled": pooled, "output": "layer4", "channels_last": channels_last}
+    return LoadedEncoder(model=model, preprocess=pre, weights_info=info, options=options)
+
+
+_V1 = OfficialWeights("torchvision:ResNet50_Weights.IMAGENET1K_V1", "resnet50-0676ba61.pth",
+                      ResNet50_Weights.IMAGENET1K_V1.url, check_hash=True)
+_V2 = OfficialWeights("torchvision:ResNet50_Weights.IMAGENET1K_V2", "resnet50-11ad3fa6.pth",
+                      ResNet50_Weights.IMAGENET1K_V2.url, check_hash=True)
+
+SPEC = EncoderSpec(
+    name="resnet50",
+    modality="visual",
+    feature_shape=(7, 7, 2048),
+    sample_rate=None,
+    default_weights="imagenet",
+    official={"imagenet": _V2, "imagenet1k_v2": _V2, "imagenet1k_v1": _V1},
+    loader=load,
+)

@@ -1,0 +1,182 @@
+"""VGGish (Hershey et al. 2017) in torch: log-mel front end + network + optional PCA.
+
+Recipe of REFERENCE §2 (= the TF ``vggish_input`` / ``mel_features`` code): 16 kHz mono,
+400-sample periodic-Hann frames every 160 samples, no centre padding, |rfft| with 512
+points, 64 HTK-mel bands 125-7500 Hz with triangles linear *in mel* (not in Hz as librosa /
+torchaudio build them), log(mel + 0.01), 96x64 patches. One 1-s chunk (16000 samples)
+gives 98 frames, of which the first 96 (samples 0..15599) form its one patch, as AVE did.
+The network and state-dict keys follow torchvggish (final ReLU included).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from avepipe.encoders import EncoderSpec, LoadedEncoder
+from avepipe.encoders.weights import (OfficialWeights, WeightsError, as_tensor_dict, check_state_dict,
+                                      build_with_weights, fetch_official, file_sha256, read_checkpoint)
+
+SAMPLE_RATE = 16000
+WINDOW = 400  # 25 ms
+HOP = 160  # 10 ms
+N_FFT = 512  # next power of two >= WINDOW
+N_MELS = 64
+FMIN, FMAX = 125.0, 7500.0
+LOG_OFFSET = 0.01
+PATCH_FRAMES = 96  # 0.96 s
+PATCH_SAMPLES = (PATCH_FRAMES - 1) * HOP + WINDOW  # 15600
+PCA_CLIP = (-2.0, 2.0)  # quantisation range of the released embeddings
+
+
+def hz_to_mel(hz: torch.Tensor) -> torch.Tensor:
+    """HTK mel scale as mel_features.hertz_to_mel."""
+    return 1127.0 * torch.log1p(hz / 700.0)
+
+
+def mel_matrix(dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(N_FFT//2+1, N_MELS) weights, as mel_features.spectrogram_to_mel_matrix."""
+    bins_mel = hz_to_mel(torch.linspace(0.0, SAMPLE_RATE / 2, N_FFT // 2 + 1, dtype=torch.float64))
+    edges = torch.linspace(float(hz_to_mel(torch.tensor(FMIN, dtype=torch.float64))),
+                           float(hz_to_mel(torch.tensor(FMAX, dtype=torch.float64))), N_MELS + 2,
+                           dtype=torch.float64)
+    lo, centre, hi = edges[:-2], edges[1:-1], edges[2:]
+    up = (bins_mel[:, None] - lo) / (centre - lo)
+    down = (hi - bins_mel[:, None]) / (hi - centre)
+    w = torch.clamp(torch.minimum(up, down), min=0.0)
+    w[0, :] = 0.0  # the reference drops the DC bin
+    return w.to(dtype)
+
+
+class LogMelPatch(nn.Module):
+    """waveform (N, >=15600) at 16 kHz -> one log-mel patch per row (N,1,96,64)."""
+
+    def __init__(self):
+        super().__init__()
+        n = torch.arange(WINDOW, dtype=torch.float64)
+        # periodic Hann, as the reference (scipy.signal.get_window('hann', 400) equivalent)
+        self.register_buffer("window", (0.5 - 0.5 * torch.cos(2 * math.pi * n / WINDOW)).float(), persistent=False)
+        self.register_buffer("mel", mel_matrix(torch.float32), persistent=False)
+
+    def forward(self, wave: Any) -> torch.Tensor:
+        wave = torch.as_tensor(wave)
+        if wave.ndim != 2 or wave.shape[-1] < PATCH_SAMPLES:
+            raise ValueError(f"vggish: expected waveform (N, >= {PATCH_SAMPLES}) at {SAMPLE_RATE} Hz, "
+                             f"got {tuple(wave.shape)}")
+        # float32 even under autocast: log of bf16 mel energies loses too much
+        with torch.autocast(wave.device.type, enabled=False):
+            # computed where the input is: CPU in DataLoader workers, or the GPU if given there
+            x = wave[:, :PATCH_SAMPLES].float()
+            frames = x.unfold(-1, WINDOW, HOP) * self.window.to(x.device)  # (N,96,400) as the reference
+            spec = torch.fft.rfft(frames, n=N_FFT).abs()  # zero-padded at the end, |X|
+            logmel = torch.log(spec @ self.mel.to(x.device) + LOG_OFFSET)
+        return logmel.unsqueeze(1)
+
+
+class VGGish(nn.Module):
+    """(N,1,96,64) log-mel -> (N,128); keys features.{0,3,6,8,11,13}, embeddings.{0,2,4}."""
+
+    def __init__(self):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 1
+        for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M"):
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU(inplace=True)]
+                c_in = v
+        self.features = nn.Sequential(*layers)
+        self.embeddings = nn.Sequential(
+            nn.Linear(512 * 4 * 6, 4096), nn.ReLU(inplace=True),
+            nn.Linear(4096, 4096), nn.ReLU(inplace=True),
+            nn.Linear(4096, 128), nn.ReLU(inplace=True),  # torchvggish keeps the final ReLU
+        )
+        self.pca: nn.Module | None = None
+        self.memory_format = torch.channels_last  # load(channels_last=False) sets contiguous_format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x.contiguous(memory_format=self.memory_format))
+        # flatten in NHWC order, as the TF model (torchvggish: transpose(1,3).transpose(1,2))
+        x = self.embeddings(x.permute(0, 2, 3, 1).flatten(1))
+        return self.pca(x) if self.pca is not None else x
+
+
+class PCAQuantize(nn.Module):
+    """The released postprocessing: PCA, clip to [-2,2], 8-bit quantise (values 0..255 as float)."""
+
+    def __init__(self, eigen_vectors: torch.Tensor, means: torch.Tensor):
+        super().__init__()
+        # non-persistent: the network's state dict stays in torchvggish's layout
+        self.register_buffer("eigen_vectors", eigen_vectors.float(), persistent=False)
+        self.register_buffer("means", means.float().reshape(-1), persistent=False)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(emb.device.type, enabled=False):
+            x = (emb.float() - self.means) @ self.eigen_vectors.T
+            lo, hi = PCA_CLIP
+            return torch.round((x.clamp(lo, hi) - lo) * (255.0 / (hi - lo)))
+
+
+def load_pca(source: str = "audioset") -> tuple[PCAQuantize, dict]:
+    """PCA params from the official file ("audioset") or a path (keys pca_eigen_vectors, pca_means)."""
+    if source.lower() == "audioset":
+        path, src = fetch_official(PCA_PARAMS), PCA_PARAMS.url
+    else:
+        path = src = source
+    where = f"vggish PCA params {path}"
+    state = as_tensor_dict(read_checkpoint(path), where)
+    if "pca_means" in state:
+        state["pca_means"] = state["pca_means"].reshape(-1)  # torchvggish stores (128,) or (128,1)
+    check_state_dict(state, {"pca_eigen_vectors": (128, 128), "pca_means": (128,)}, where=where)
+    info = {"sha256": file_sha256(path), "source": str(src)}
+    return PCAQuantize(state["pca_eigen_vectors"], state["pca_means"]), info
+
+
+def load(spec: EncoderSpec, weights: str = "random", device: Any = "cpu", *,
+         pca: bool | str = False, seed: int | None = None, channels_last: bool = True) -> LoadedEncoder:
+    """Build VGGish. ``pca``: False (raw embeddings, as AVE/CACE), True (official PCA
+    params) or a path to a PCA params file."""
+    pca_module = pca_info = None
+    if pca:  # first: a missing PCA file fails before the network is built
+        try:
+            pca_module, pca_info = load_pca("audioset" if pca is True else str(pca))
+        except WeightsError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise WeightsError(f"vggish: cannot load PCA params {pca!r}: {e}") from e
+    model, info = build_with_weights(spec, weights, VGGish, seed=seed)
+    if pca_module is not None:
+        model.pca, info["pca"] = pca_module, pca_info
+    model = model.eval().requires_grad_(False).to(device)
+    if channels_last:  # faster on CPU (oneDNN) and GPU; measured in the README/report
+        model = model.to(memory_format=torch.channels_last)
+    else:
+        model.memory_format = torch.contiguous_format
+    front = LogMelPatch()  # stays on CPU: extraction runs preprocessing in DataLoader workers
+    options = {"preprocessing": "vggish_logmel_patch", "pca": bool(pca), "window": WINDOW, "hop": HOP,
+               "n_fft": N_FFT, "n_mels": N_MELS, "fmin": FMIN, "fmax": FMAX, "patch_frames": PATCH_FRAMES,
+               "channels_last": channels_last}
+    return LoadedEncoder(model=model, preprocess=front, weights_info=info, options=options)
+
+
+PCA_PARAMS = OfficialWeights("torchvggish:vggish_pca_params", "vggish_pca_params-970ea276.pth",
+                             "https://github.com/harritaylor/torchvggish/releases/download/v0.1/"
+                             "vggish_pca_params-970ea276.pth")
+
+SPEC = EncoderSpec(
+    name="vggish",
+    modality="audio",
+    feature_shape=(128,),
+    sample_rate=SAMPLE_RATE,
+    default_weights="audioset",
+    official={
+        "audioset": OfficialWeights("torchvggish:vggish", "vggish-10086976.pth",
+                                    "https://github.com/harritaylor/torchvggish/releases/download/v0.1/"
+                                    "vggish-10086976.pth"),
+    },
+    loader=load,
+)

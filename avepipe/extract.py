@@ -1,0 +1,283 @@
+"""The extraction stage: one encoder over one decoded shard -> one feature shard.
+
+Visual encoders decode the mp4 again at ``frames_per_segment`` frames per segment
+(contracts.md: the decoded shard keeps only a few frames for fine-tuning) inside a
+``torch.utils.data.DataLoader`` so that decoding + preprocessing in worker processes
+overlaps the model forward in the main process. Audio encoders read the decoded
+shard's ``audio_<rate>`` waveform. Each video is isolated: a failure marks that row
+``failed`` with its reason and the shard still completes.
+
+Two step grids:
+* AVE (``window=None``): one step per 1-s segment, ``n_segments`` steps.
+* UnAV (``window``/``hop`` in s): steps start at k*hop while start+window <= duration,
+  where duration = the whole seconds the decode stage kept (``n_segments``), so visual
+  and audio stores of a video always have the same number of steps.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from avepipe import media
+from avepipe.provenance import provenance
+from avepipe.store import FeatureShardWriter
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- plan
+def step_starts(duration: float, window: float | None, hop: float | None) -> np.ndarray:
+    """Start times (s) of the feature steps of a video lasting ``duration`` seconds."""
+    if window is None:
+        return np.arange(int(np.floor(duration + 1e-9)), dtype=np.float64)
+    if window <= 0 or hop is None or hop <= 0:
+        raise ValueError(f"window/hop must be positive, got {window}/{hop}")
+    # integer count first, so float error never adds or drops a step
+    n = int(np.floor((duration - window) / hop + 1e-9)) + 1 if duration + 1e-9 >= window else 0
+    return np.round(np.arange(n) * hop, 9)
+
+
+def frame_times(starts: np.ndarray, span: float, per_step: int) -> np.ndarray:
+    """Centres of ``per_step`` equal sub-intervals of [s, s+span) for every start s (step-major)."""
+    j = (np.arange(per_step, dtype=np.float64) + 0.5) / per_step * span
+    return (np.asarray(starts, np.float64)[:, None] + j[None, :]).reshape(-1)
+
+
+def audio_chunks(wave: np.ndarray, rate: int, starts: np.ndarray, span: float) -> np.ndarray:
+    """(len(starts), rate) float32: the samples of [s, s+span) per start, zero-padded to 1 s.
+
+    The encoders take 1-s chunks; a 0.96-s UnAV window padded to 1 s gives VGGish
+    exactly one 0.96-s patch, i.e. exactly the window.
+    """
+    if span > 1.0 + 1e-9:
+        raise ValueError(f"audio window {span} s is longer than the encoders' 1-s input")
+    n = int(round(span * rate))
+    out = np.zeros((len(starts), rate), np.float32)
+    for k, s in enumerate(starts):
+        a = int(round(s * rate))
+        seg = wave[a:a + n]
+        out[k, : len(seg)] = seg
+    return out
+
+
+# --------------------------------------------------------------------------- datasets
+@dataclass
+class _Item:
+    row: int               # row in the decoded / feature shard
+    starts: np.ndarray     # step start times
+
+
+class _VisualDataset(Dataset):
+    """Per video: decode the frames at the plan's times and preprocess them (in a worker)."""
+
+    def __init__(self, items: list[_Item], paths: dict[int, str], span: float, per_step: int,
+                 preprocess: Callable):
+        self.items, self.paths, self.span, self.per_step = items, paths, span, per_step
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int):
+        it = self.items[k]
+        try:
+            times = frame_times(it.starts, self.span, self.per_step)
+            frames = media.read_frames(self.paths[it.row], times)
+            with torch.inference_mode():
+                x = self.preprocess(torch.from_numpy(frames))
+            return it.row, x, ""
+        except Exception as exc:  # isolate: one bad file must not stop the shard
+            return it.row, None, _reason(exc)
+
+
+class _AudioDataset(Dataset):
+    """Per video: cut the decoded waveform into 1-s chunks (or windows) and preprocess."""
+
+    def __init__(self, items: list[_Item], shard: str, rate: int, span: float, preprocess: Callable):
+        self.items, self.shard, self.rate, self.span = items, shard, rate, span
+        self.preprocess = preprocess
+        self._arr = None  # opened lazily: one handle per worker process
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int):
+        it = self.items[k]
+        try:
+            if self._arr is None:
+                self._arr = zarr.open_group(self.shard, mode="r")[f"audio_{self.rate}"]
+            wave = np.asarray(self._arr[it.row])
+            chunks = audio_chunks(wave, self.rate, it.starts, self.span)
+            with torch.inference_mode():
+                x = self.preprocess(torch.from_numpy(chunks))
+            return it.row, x, ""
+        except Exception as exc:
+            return it.row, None, _reason(exc)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, media.MediaError):
+        return exc.reason
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _identity(batch):
+    return batch
+
+
+# --------------------------------------------------------------------------- model
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor, device: torch.device, batch_size: int,
+             channels_last: bool) -> torch.Tensor:
+    """Model outputs for all of ``x`` in batches of ``batch_size``, float32 on CPU."""
+    outs = []
+    cuda = device.type == "cuda"
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        for b in range(0, x.shape[0], batch_size):
+            xb = x[b:b + batch_size]
+            if cuda:
+                xb = xb.pin_memory() if not xb.is_pinned() else xb
+            xb = xb.to(device, non_blocking=True)
+            if channels_last and xb.ndim == 4:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            outs.append(model(xb).float().cpu())
+    return torch.cat(outs)
+
+
+# --------------------------------------------------------------------------- stage
+def _read_decoded(path: Path) -> dict[str, Any]:
+    g = zarr.open_group(str(path), mode="r")
+    strs = lambda k: [str(v) for v in np.asarray(g[k][...]).tolist()]  # noqa: E731
+    return {
+        "group": g,
+        "video_id": strs("video_id"),
+        "status": strs("status"),
+        "reason": strs("reason"),
+        "n_segments": np.asarray(g["n_segments"][...], np.int64),
+        "attrs": dict(g.attrs),
+    }
+
+
+def extract_shard(
+    decoded_shard: str | Path,
+    index_rows: pd.DataFrame,
+    encoder: str,
+    weights: str,
+    out: str | Path,
+    *,
+    frames_per_segment: int = 16,
+    batch_size: int = 16,
+    num_workers: int = 1,
+    device: str = "auto",
+    dtype: str = "float16",
+    window: float | None = None,
+    hop: float | None = None,
+    progress: bool = True,
+    channels_last: bool = True,
+    config: dict | None = None,
+    **encoder_opts: Any,
+) -> Path:
+    """Run ``encoder`` with ``weights`` over the videos of ``decoded_shard``; write ``out``.
+
+    ``index_rows``: the sample index rows of this shard (needs ``video_id``, ``path``).
+    Returns ``out``. Weight problems raise before any video is touched.
+    """
+    from avepipe.encoders import get_encoder
+
+    if (window is None) != (hop is None):
+        raise ValueError("window and hop go together (UnAV mode) or are both None (AVE mode)")
+    spec = get_encoder(encoder)
+    dev = resolve_device(device)
+    visual = spec.modality == "visual"
+    load_opts = {"channels_last": channels_last, **encoder_opts} if visual else dict(encoder_opts)
+    loaded = spec.load(weights, device=dev, **load_opts)  # fails fast on bad weights
+    model = loaded.model.eval().to(dev)
+
+    dec = _read_decoded(Path(decoded_shard))
+    ids = dec["video_id"]
+    rate = spec.sample_rate
+    if not visual and f"audio_{rate}" not in dec["group"]:
+        raise KeyError(f"{decoded_shard} has no audio_{rate} array needed by {encoder} "
+                       f"(add {rate} to decode.audio_rates)")
+    if not visual and window is not None and window > 1.0 + 1e-9:
+        raise ValueError(f"{encoder}: audio window {window} s is longer than the encoder's 1-s input")
+    paths_by_id: dict[str, str] = {}
+    if visual and len(index_rows):
+        if "path" not in index_rows.columns:
+            raise ValueError("index rows need a 'path' column for visual encoders")
+        paths_by_id = index_rows.drop_duplicates("video_id").set_index("video_id")["path"].astype(str).to_dict()
+
+    span = 1.0 if window is None else float(window)
+    plans = [step_starts(float(n), window, hop) for n in dec["n_segments"]]
+    T = max([len(p) for p in plans] + [1])
+    step_shape = tuple(spec.feature_shape)
+    if encoder_opts.get("pooled"):
+        step_shape = step_shape[-1:]
+
+    rec = provenance(
+        f"extract:{encoder}", config,
+        encoder=encoder, weights=loaded.weights_info, preprocessing=loaded.options,
+        modality=spec.modality, frames_per_segment=frames_per_segment if visual else None,
+        sample_rate=rate, dtype=str(np.dtype(dtype)), window=window, hop=hop,
+        grid="1-s segments" if window is None else "windows",
+        audio_fit="zero-pad to 1 s" if not visual and window is not None else None,
+        channels_last=channels_last if visual else None, batch_size=batch_size,
+        device=dev.type, autocast="bfloat16" if dev.type == "cuda" else None,
+        decoded_shard=str(decoded_shard),
+        decoded_code_fingerprint=dec["attrs"].get("provenance", {}).get("code_fingerprint"),
+        encoder_options=encoder_opts,
+    )
+
+    with FeatureShardWriter(out, ids, T, step_shape, dtype, rec) as writer:
+        items, paths = [], {}
+        for row, vid in enumerate(ids):
+            if dec["status"][row] != "ok":
+                writer.write(row, None, status="failed", reason=dec["reason"][row] or "decode failed")
+            elif visual and vid not in paths_by_id:
+                writer.write(row, None, status="failed", reason="video id not in the sample index")
+            elif len(plans[row]) == 0:
+                writer.write(row, None, status="failed", reason=f"shorter than one step ({dec['n_segments'][row]} s)")
+            else:
+                items.append(_Item(row, plans[row]))
+                if visual:
+                    paths[row] = paths_by_id[vid]
+        if visual:
+            ds: Dataset = _VisualDataset(items, paths, span, frames_per_segment, loaded.preprocess)
+        else:
+            ds = _AudioDataset(items, str(decoded_shard), int(rate), span, loaded.preprocess)
+        loader_kw: dict[str, Any] = {}
+        if num_workers > 0:
+            loader_kw = {"persistent_workers": True, "prefetch_factor": 2}
+        loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
+                            collate_fn=_identity, **loader_kw)
+        for row, x, reason in tqdm(loader, total=len(ds), disable=not progress,
+                                   desc=f"{encoder} {Path(out).name}", unit="video"):
+            if x is None:
+                writer.write(row, None, status="failed", reason=reason)
+                continue
+            try:
+                y = _forward(model, x, dev, batch_size, channels_last and visual)
+                n = len(plans[row])
+                if visual:  # mean over the frames of each step
+                    y = y.reshape(n, frames_per_segment, *y.shape[1:]).mean(1)
+            except Exception as exc:  # a model error on one video fails that video only
+                log.warning("extract %s failed on %s: %s", encoder, ids[row], exc)
+                writer.write(row, None, status="failed", reason=_reason(exc))
+                continue
+            # outside the try: a wrong output shape is a bug for every video, not a bad file
+            writer.write(row, y.numpy(), plans[row])
+        return writer.commit()

@@ -1,0 +1,64 @@
+"""Provenance: fingerprints follow the stage's sources; records are JSON-able."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from avepipe import provenance as prov
+
+
+def test_sha256_file_matches_hashlib(tmp_path):
+    p = tmp_path / "w.bin"
+    data = bytes(range(256)) * 5000
+    p.write_bytes(data)
+    assert prov.sha256_file(p) == hashlib.sha256(data).hexdigest()
+
+
+def test_fingerprint_changes_with_source(tmp_path, monkeypatch):
+    (tmp_path / "media.py").write_text("a = 1\n")
+    (tmp_path / "decode.py").write_text("b = 2\n")
+    monkeypatch.setattr(prov, "PACKAGE_DIR", tmp_path)
+    f1 = prov.code_fingerprint("decode")
+    assert f1 == prov.code_fingerprint("decode")  # deterministic
+    (tmp_path / "decode.py").write_text("b = 3\n")
+    assert prov.code_fingerprint("decode") != f1
+    # a file the stage does not depend on leaves it unchanged
+    f2 = prov.code_fingerprint("decode")
+    (tmp_path / "train.py").write_text("c = 1\n")
+    assert prov.code_fingerprint("decode") == f2
+
+
+def test_fingerprint_independent_reference(tmp_path, monkeypatch):
+    (tmp_path / "media.py").write_text("m")
+    (tmp_path / "decode.py").write_text("d")
+    monkeypatch.setattr(prov, "PACKAGE_DIR", tmp_path)
+    h = hashlib.sha256()
+    for rel, body in (("decode.py", b"d"), ("media.py", b"m")):
+        h.update(rel.encode() + b"\0" + body + b"\0")
+    assert prov.code_fingerprint("decode") == h.hexdigest()
+
+
+def test_stages_known_and_unknown():
+    for stage in ("decode", "extract:vgg19", "extract:resnet50", "extract:vggish", "extract:cnn14",
+                  "finetune", "heads:cace_net", "train", "evaluate", "unav", "extract:vgg19_ft"):
+        assert len(prov.code_fingerprint(stage)) == 64
+    assert "encoders/vgg19.py" in prov.stage_files("extract:vgg19")
+    assert "heads/ccln.py" in prov.stage_files("heads:ccln")
+    with pytest.raises(KeyError, match="unknown stage"):
+        prov.code_fingerprint("extract:nope")
+    with pytest.raises(KeyError):
+        prov.code_fingerprint("bogus")
+
+
+def test_provenance_record_is_json():
+    rec = prov.provenance("decode", {"shards": 4}, encoder="vgg19", path=prov.PACKAGE_DIR)
+    assert json.loads(json.dumps(rec)) == rec
+    assert rec["stage"] == "decode" and rec["config"] == {"shards": 4} and rec["encoder"] == "vgg19"
+    import torch
+    assert rec["versions"]["torch"] == torch.__version__.split("+")[0] or rec["versions"]["torch"].startswith(
+        torch.__version__.split("+")[0])
+    assert {"python", "torch", "torchvision", "zarr", "numpy", "av", "avepipe"} <= set(rec["versions"])
+    assert rec["created"].endswith("+00:00")
+    assert rec["code_fingerprint"] == prov.code_fingerprint("decode")
