@@ -319,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hparam", action="append", help="head hyperparameter key=value")
     s.add_argument("--eval", action="append", help="evaluation setting key=value")
     s.add_argument("--select-on", choices=["val", "test"], default="val")
+    s.add_argument("--normalize", choices=["none", "standardize"], default="none",
+                   help="z-score features with train-split statistics (demo: random weights)")
     s.add_argument("--device", default="auto")
     s.add_argument("--threads", type=int)
     s.add_argument("--visual", nargs="+", required=True)

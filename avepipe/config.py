@@ -64,6 +64,10 @@ def _check_semantics(cfg: dict, source: str) -> None:
                 raise ConfigError(f"{source}: features = {pair!r}: encoder {base!r} is not configured under encoders")
             if enc.endswith("_ft") and not (cfg["finetune"].get("enabled") and base in _ft_encoders(cfg)):
                 raise ConfigError(f"{source}: features = {pair!r}: {enc!r} needs finetune.enabled and finetune.encoder = {base!r}")
+    for head, hc in cfg.get("heads", {}).items():
+        for pair in hc.get("features", []):
+            if pair not in cfg.get("features", []):
+                raise ConfigError(f"{source}: heads.{head}.features = {pair!r}: not listed in `features`")
     ft = cfg.get("finetune", {})
     if ft.get("enabled"):
         for key in ("encoder", "audio"):

@@ -516,11 +516,23 @@ def plot_ap(metrics: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def standardize_dense(data: DenseData) -> None:
+    """Per-channel z-scoring with train-split statistics, in place (see train.standardize)."""
+    train = data.subset("train")
+    for name in ("visual", "audio"):
+        seqs = getattr(data, name)
+        cat = np.concatenate([seqs[i].astype(np.float64) for i in train])
+        mean, std = cat.mean(0), np.maximum(cat.std(0), 1e-6 * cat.std() + 1e-12)
+        setattr(data, name, [((x - mean) / std).astype(x.dtype) for x in seqs])
+
+
 def train_dense_from_cli(a) -> int:
     from avepipe.cli import _kv
 
     manifest = pd.read_parquet(a.manifest)
     data = load_dense_data(manifest, a.visual, a.audio_features)
+    if getattr(a, "normalize", "none") == "standardize":
+        standardize_dense(data)
     ev = _kv(a.eval)
     post = {k: ev[k] for k in ("max_segments", "min_score") if k in ev}
     if "soft_nms_sigma" in ev:

@@ -209,6 +209,26 @@ def load_ave_data(manifest: pd.DataFrame, visual, audio, *, split_column: str = 
                    provenance={"visual": vattrs.get("provenance", vattrs), "audio": aattrs.get("provenance", aattrs)})
 
 
+def standardize(data: AVEData) -> dict:
+    """Per-channel z-scoring of both modalities with train-split statistics, in place.
+
+    Off by default (the papers feed raw pretrained features). The demo turns it on: random
+    encoder weights give features of arbitrary scale (random Cnn14/VGGish embeddings are
+    ~1e-3), which no head's default learning rate can use. Returns the statistics' summary.
+    """
+    out = {}
+    for name in ("visual", "audio"):
+        tr = getattr(data.splits["train"], name).float()
+        flat = tr.reshape(-1, tr.shape[-1])
+        mean, std = flat.mean(0), flat.std(0).clamp(min=1e-6 * float(flat.std()) + 1e-12)
+        for split in data.splits.values():
+            t = getattr(split, name)
+            setattr(split, name, ((t.float() - mean) / std).to(t.dtype))
+        out[name] = {"mean_of_means": float(mean.mean()), "mean_of_stds": float(std.mean())}
+    data.provenance["standardize"] = out
+    return out
+
+
 def data_from_arrays(visual, audio, segment_labels, split, video_ids=None) -> AVEData:
     """AVEData straight from arrays (tests, benchmarks): labels (N,T,29) one-hot, split (N,)."""
     seg = torch.as_tensor(np.asarray(segment_labels, np.float32))
@@ -697,6 +717,8 @@ def train_from_cli(a) -> int:
     visual = open_features([Path(p) for p in a.visual], video_ids=ids)
     audio = open_features([Path(p) for p in a.audio_features], video_ids=ids)
     data = load_ave_data(manifest, visual, audio)
+    if getattr(a, "normalize", "none") == "standardize":
+        standardize(data)
     config = {k: v for k, v in vars(a).items() if k != "fn"}
     train_head(a.head, a.setting, data, Path(a.out_dir), seed=a.seed, select_on=a.select_on,
                epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, device=a.device,

@@ -49,6 +49,13 @@ def test_errors_name_key_and_value(edit, key, value):
     assert key in msg and value in msg, msg
 
 
+def test_head_features_must_be_listed():
+    cfg = _demo()
+    cfg["heads"]["avel"]["features"] = ["vgg19+cnn14"]
+    with pytest.raises(ConfigError, match="heads.avel.features"):
+        validate(cfg)
+
+
 def test_feature_pair_needs_configured_encoder():
     cfg = _demo()
     cfg["features"] = ["vgg19+cnn14", "resnet50+vggish"]

@@ -31,8 +31,8 @@ def test_demo_plans_every_stage():
     assert c["synth"] == 2 and c["index"] == 2
     assert c["decode"] == 4  # 2 shards x (AVE demo + UnAV demo)
     assert c["finetune"] == 1
-    # 6 heads x 3 feature pairs (AVE) + the dense head (UnAV)
-    assert c["train"] == 19
+    # 6 heads on vgg19+vggish, AVEL also on resnet50(+_ft)+cnn14, + the dense head (UnAV)
+    assert c["train"] == 6 + 2 + 1
     assert c["summary"] == 2
 
 

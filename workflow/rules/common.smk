@@ -59,7 +59,7 @@ def head_jobs(run):
     cfg = RUNS[run]
     out = []
     for head, hc in cfg.get("heads", {}).items():
-        for feats in cfg.get("features", []):
+        for feats in hc.get("features") or cfg.get("features", []):
             for setting in hc.get("settings", ["full"]):
                 for seed in cfg["train"]["seeds"]:
                     out.append((head, feats, setting, seed))

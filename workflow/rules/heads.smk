@@ -30,6 +30,7 @@ rule train:
         lr=lambda w: head_opt("lr", "")(w) and f"--lr {head_opt('lr')(w)}",
         hparams=lambda w: " ".join(f"--hparam {k}={v}" for k, v in sorted(head_opt("hparams", {})(w).items())),
         select_on=lambda w: C(w)["train"]["select_on"],
+        normalize=lambda w: C(w)["train"]["normalize"],
         device=lambda w: C(w)["train"]["device"],
         evaluate=lambda w: " ".join(f"--eval {k}={v}" for k, v in sorted(C(w).get("evaluate", {}).items())),
         code=lambda w: fingerprint("heads:" + w.head),
@@ -45,7 +46,8 @@ rule train:
     shell:
         "{AVEPIPE} train --format {params.format} --manifest {input.manifest} --head {wildcards.head}"
         " --setting {wildcards.setting} --seed {wildcards.seed} {params.epochs} {params.batch} {params.lr}"
-        " {params.hparams} {params.evaluate} --select-on {params.select_on} --device {params.device}"
+        " {params.hparams} {params.evaluate} --select-on {params.select_on} --normalize {params.normalize}"
+        " --device {params.device}"
         " --threads {threads} --visual {input.visual} --audio-features {input.audio}"
         " --features-name {wildcards.features}"
         " --out-dir results/{wildcards.run}/heads/{wildcards.head}/{wildcards.features}/{wildcards.setting}/seed{wildcards.seed}"
