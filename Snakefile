@@ -3,6 +3,9 @@
 #   snakemake --cores 8 --configfile workflow/config/ave.yaml
 # Rules are thin: each calls one `avepipe` subcommand; the logic lives in the package.
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/decode.smk"

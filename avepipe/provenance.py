@@ -10,6 +10,7 @@ import datetime as _dt
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import socket
 import sys
@@ -78,11 +79,32 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+SALT_ENV = "AVEPIPE_FINGERPRINT_SALT"
+
+
+def fingerprint_salts(value: str | None = None) -> dict[str, str]:
+    """Parse ``AVEPIPE_FINGERPRINT_SALT`` (``"stage=salt[,stage=salt...]"``, e.g. ``"heads:avel=1"``).
+
+    A salt stands in for an edit of that stage's code: the workflow tests use it to check
+    that a code change reruns exactly that stage and its descendants, without editing
+    (or copying) the package. Unset or empty: no salts.
+    """
+    value = os.environ.get(SALT_ENV, "") if value is None else value
+    salts: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in value.split(","))):
+        stage, sep, salt = item.partition("=")
+        if not sep or not stage.strip():
+            raise ValueError(f"{SALT_ENV}: {item!r} is not stage=salt (e.g. heads:avel=1)")
+        salts[stage.strip()] = salt.strip()
+    return salts
+
+
 def code_fingerprint(stage: str) -> str:
     """sha256 over (relative path, content) of the stage's source files.
 
     A file that does not exist (yet) contributes its name and a marker, so the
-    fingerprint is defined but changes once the file appears.
+    fingerprint is defined but changes once the file appears. A salt for ``stage`` in
+    ``AVEPIPE_FINGERPRINT_SALT`` (see ``fingerprint_salts``) is hashed in too.
     """
     h = hashlib.sha256()
     for rel in sorted(set(stage_files(stage))):
@@ -90,6 +112,9 @@ def code_fingerprint(stage: str) -> str:
         h.update(rel.encode() + b"\0")
         h.update(p.read_bytes() if p.is_file() else b"<missing>")
         h.update(b"\0")
+    salt = fingerprint_salts().get(stage)
+    if salt is not None:
+        h.update(b"salt\0" + salt.encode())
     return h.hexdigest()
 
 

@@ -42,3 +42,39 @@ def test_ci_runs_readme_test_command():
     block = re.search(r"<!-- test-command -->\s*```bash\n(.+?)\n```", readme, re.S).group(1).strip()
     assert "pip install -e '.[test]'" in block and "pytest" in block
     assert "test-command" in (REPO / ".ci" / "run").read_text()
+
+
+def _env(name: str) -> dict:
+    return yaml.safe_load((REPO / "envs" / name).read_text())
+
+
+def test_cpu_and_cuda_envs_differ_only_in_the_torch_index():
+    cpu, cuda = _env("cpu.yaml"), _env("cuda.yaml")
+    assert [d for d in cpu["dependencies"] if not isinstance(d, dict)] == \
+        [d for d in cuda["dependencies"] if not isinstance(d, dict)]
+    pip = {n: next(d for d in e["dependencies"] if isinstance(d, dict))["pip"] for n, e in (("cpu", cpu), ("cuda", cuda))}
+    assert [p for p in pip["cpu"] if not p.startswith("--")] == [p for p in pip["cuda"] if not p.startswith("--")]
+    idx = {n: [p for p in v if p.startswith("--extra-index-url")] for n, v in pip.items()}
+    assert idx["cpu"] == ["--extra-index-url https://download.pytorch.org/whl/cpu"]
+    assert len(idx["cuda"]) == 1 and re.search(r"/whl/cu\d+$", idx["cuda"][0])
+
+
+def test_env_python_satisfies_requires_python():
+    from packaging.specifiers import SpecifierSet
+
+    requires = SpecifierSet(_pyproject()["project"]["requires-python"])
+    for name in ("cpu.yaml", "cuda.yaml"):
+        py = next(d for d in _env(name)["dependencies"] if isinstance(d, str) and d.startswith("python="))
+        assert requires.contains(py.split("=", 1)[1] + ".0"), (name, py, str(requires))
+
+
+def test_rules_use_the_env_files():
+    """Every rule file names its conda env through common.smk's CPU_ENV / GPU_ENV, which point at envs/."""
+    rules = REPO / "workflow" / "rules"
+    common = (rules / "common.smk").read_text()
+    for env in ("cpu.yaml", "cuda.yaml"):
+        assert f'"../../envs/{env}"' in common and (rules / "../../envs" / env).resolve().is_file()
+    for smk in rules.glob("*.smk"):
+        text = smk.read_text()
+        n_rules = len(re.findall(r"^rule \w+:", text, re.M))
+        assert len(re.findall(r"^    conda:\n        (?:CPU_ENV|GPU_ENV)$", text, re.M)) == n_rules, smk.name

@@ -1,7 +1,11 @@
-# Shared set-up: configuration (validated before any job), runs, targets, fingerprints.
+# Shared set-up: configuration (validated before any job), runs, targets, fingerprints,
+# the `avepipe` command the rules run, and the input/param functions of every rule file.
+import os
+import shlex
 import sys
 from pathlib import Path
 
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate, min_version
 
 min_version("9.0")
@@ -24,10 +28,27 @@ for _extra in config.get("also", []):
     _c = apcfg.load_config(_extra)
     RUNS[_c["run"]] = _c
 
-# The rules call the package through the interpreter running Snakemake, so a venv
-# needs no activation.
-AVEPIPE = f"{sys.executable} -m avepipe"
-R = "results/{run}"
+
+# --- the `avepipe` command ------------------------------------------------------------------
+# Rules run `avepipe <subcommand> ...`: a shell function defined by this prefix. By default it
+# is the interpreter running Snakemake (a venv needs no activation). Under
+# `--software-deployment-method conda` (or apptainer) it is the `python` of the rule's
+# environment, with this checkout importable; PYTHONPATH is exported inside the job because
+# Snakemake drops an outer PYTHONPATH when it activates a conda env. The prefix is not part
+# of a rule's code, so switching interpreters does not rerun finished jobs.
+_ISOLATED = bool({DeploymentMethod.CONDA, DeploymentMethod.APPTAINER} & set(workflow.deployment_settings.deployment_method))
+if _ISOLATED:
+    _PYTHON = f"export PYTHONPATH={shlex.quote(workflow.basedir)}; python"
+else:
+    _PYTHON = shlex.quote(sys.executable)
+# (doubled braces: Snakemake formats the prefix like a shell command)
+shell.prefix(f'set -euo pipefail; avepipe() {{{{ {_PYTHON} -m avepipe "$@"; }}}}; ')
+
+# Conda environments of the rules (`--software-deployment-method conda`): CPU rules use
+# envs/cpu.yaml; rules that can use a GPU (extract, finetune, train) envs/cuda.yaml, or
+# envs/cpu.yaml too when AVEPIPE_CONDA_GPU=0. Paths are relative to workflow/rules/.
+CPU_ENV = "../../envs/cpu.yaml"
+GPU_ENV = "../../envs/cpu.yaml" if os.environ.get("AVEPIPE_CONDA_GPU", "1") == "0" else "../../envs/cuda.yaml"
 
 
 wildcard_constraints:
@@ -73,5 +94,86 @@ def all_targets():
         for enc in apcfg.feature_encoders(cfg):
             t.append(f"results/{run}/features/{enc}/summary.json")
         if cfg.get("heads"):
+            # each head run is a result in its own right (deleting one reruns it), the summary over them
+            t += [f"results/{run}/heads/{h}/{f}/{s}/seed{k}/metrics.json" for (h, f, s, k) in head_jobs(run)]
             t.append(f"results/{run}/summary.md")
     return t
+
+
+# --- data.smk -------------------------------------------------------------------------------
+def index_input(w):
+    cfg = C(w)
+    if cfg["data"].get("synthetic"):
+        return f"results/{w.run}/synth.json"
+    # a real dataset: its annotation file must exist (the index rule reports the rest)
+    root = Path(cfg["data"]["root"])
+    if cfg["data"]["format"] == "ave":
+        return str(root / "Annotations.txt")
+    return str(root / "annotations" / "unav100_annotations.json")
+
+
+
+# --- decode.smk -----------------------------------------------------------------------------
+def decoded_shards(w):
+    return expand("results/{run}/decoded/shard-{shard}.zarr", run=w.run, shard=shards(w.run))
+
+
+# --- extract.smk ----------------------------------------------------------------------------
+def extract_weights(w):
+    if w.enc.endswith("_ft"):
+        return f"results/{w.run}/finetune/{w.enc.removesuffix('_ft')}/weights.pth"
+    return []
+
+
+def enc_opt(key):
+    return lambda w: apcfg.encoder_settings(C(w), w.enc).get(key, "")
+
+
+def encoder_options(w):
+    return " ".join(
+        f"--opt {k}={v}"
+        for k, v in sorted(apcfg.encoder_settings(C(w), w.enc).items())
+        if k in ("preprocessing", "pooled", "pca")
+    )
+
+
+def window_arg(w):
+    win = C(w).get("windows")
+    return f"--window {win['window']} --hop {win['hop']}" if win else ""
+
+
+def encoder_shards(w, enc=None):
+    """Every feature shard of encoder `enc` (default: the job's own) in the job's run."""
+    return expand("results/{run}/features/{enc}/shard-{shard}.zarr", run=w.run, enc=enc or w.enc, shard=shards(w.run))
+
+
+# --- finetune.smk ---------------------------------------------------------------------------
+def ft_opt(key):
+    return lambda w: C(w)["finetune"][key]
+
+
+# --- heads.smk ------------------------------------------------------------------------------
+def feature_shards(w, which):
+    return encoder_shards(w, w.features.split("+")[0 if which == "visual" else 1])
+
+
+def head_opt(key, default=None):
+    def get(w):
+        return C(w)["heads"][w.head].get(key, default)
+
+    return get
+
+
+def head_flag(key, flag):
+    """`--flag value` when the head's config sets `key`, else nothing."""
+
+    def get(w):
+        v = C(w)["heads"][w.head].get(key)
+        return f"{flag} {v}" if v not in (None, "") else ""
+
+    return get
+
+
+# --- report.smk -----------------------------------------------------------------------------
+def head_metrics(w):
+    return [f"results/{w.run}/heads/{h}/{f}/{s}/seed{k}/metrics.json" for (h, f, s, k) in head_jobs(w.run)]

@@ -1,20 +1,9 @@
 # Dataset: generate the synthetic demo data (when configured) and build the sample index.
 
 
-def index_input(w):
-    cfg = C(w)
-    if cfg["data"].get("synthetic"):
-        return f"results/{w.run}/synth.json"
-    # a real dataset: its annotation file must exist (the index rule reports the rest)
-    root = Path(cfg["data"]["root"])
-    if cfg["data"]["format"] == "ave":
-        return str(root / "Annotations.txt")
-    return str(root / "annotations" / "unav100_annotations.json")
-
-
 rule synth:
     output:
-        R + "/synth.json",
+        "results/{run}/synth.json",
     params:
         format=lambda w: C(w)["data"]["format"],
         root=lambda w: C(w)["data"]["root"],
@@ -27,9 +16,11 @@ rule synth:
         ),
         code=fingerprint("synth"),
     log:
-        R + "/logs/synth.log",
+        "results/{run}/logs/synth.log",
+    conda:
+        CPU_ENV
     shell:
-        "{AVEPIPE} synth --format {params.format} --out {params.root} --videos {params.videos}"
+        "avepipe synth --format {params.format} --out {params.root} --videos {params.videos}"
         " --classes {params.classes} --seed {params.seed} --durations {params.durations}"
         " --summary {output} --no-progress > {log} 2>&1"
 
@@ -38,8 +29,8 @@ rule index:
     input:
         index_input,
     output:
-        index=R + "/index.parquet",
-        problems=R + "/index_problems.json",
+        index="results/{run}/index.parquet",
+        problems="results/{run}/index_problems.json",
     params:
         format=lambda w: C(w)["data"]["format"],
         root=lambda w: C(w)["data"]["root"],
@@ -47,7 +38,9 @@ rule index:
         on_error=lambda w: C(w)["data"]["on_error"],
         code=fingerprint("index"),
     log:
-        R + "/logs/index.log",
+        "results/{run}/logs/index.log",
+    conda:
+        CPU_ENV
     shell:
-        "{AVEPIPE} index --format {params.format} --root {params.root} --shards {params.shards}"
+        "avepipe index --format {params.format} --root {params.root} --shards {params.shards}"
         " --on-error {params.on_error} --out {output.index} --problems {output.problems} > {log} 2>&1"

@@ -4,9 +4,9 @@
 
 rule decode:
     input:
-        index=R + "/index.parquet",
+        index="results/{run}/index.parquet",
     output:
-        directory(R + "/decoded/shard-{shard}.zarr"),
+        directory("results/{run}/decoded/shard-{shard}.zarr"),
     params:
         n_segments=lambda w: C(w)["decode"]["n_segments"] or 0,
         rates=lambda w: ",".join(map(str, apcfg.audio_rates(C(w)))) or "16000",
@@ -19,9 +19,11 @@ rule decode:
         mem_mb=4000,
         runtime=120,
     log:
-        R + "/logs/decode/shard-{shard}.log",
+        "results/{run}/logs/decode/shard-{shard}.log",
+    conda:
+        CPU_ENV
     shell:
-        "{AVEPIPE} decode --index {input.index} --shard {wildcards.shard} --out {output}"
+        "avepipe decode --index {input.index} --shard {wildcards.shard} --out {output}"
         " --n-segments {params.n_segments} --rates {params.rates}"
         " --sample-frames {params.sample_frames} --seed {params.seed} --on-error {params.on_error}"
         " --no-progress > {log} 2>&1"
@@ -29,18 +31,21 @@ rule decode:
 
 rule decode_report:
     input:
-        index=R + "/index.parquet",
-        problems=R + "/index_problems.json",
-        shards=lambda w: expand(R + "/decoded/shard-{shard}.zarr", run=w.run, shard=shards(w.run)),
+        index="results/{run}/index.parquet",
+        problems="results/{run}/index_problems.json",
+        shards=decoded_shards,
     output:
-        manifest=R + "/manifest.parquet",
-        md=report(R + "/decode_report.md", category="1. Decode", caption="../report/decode.rst"),
-        json=R + "/decode_report.json",
-        png=report(R + "/decode_report.png", category="1. Decode", caption="../report/decode.rst"),
+        manifest="results/{run}/manifest.parquet",
+        md=report("results/{run}/decode_report.md", category="1. Decode", caption="../report/decode.rst"),
+        json=report("results/{run}/decode_report.json", category="1. Decode", caption="../report/decode.rst"),
+        png=report("results/{run}/decode_report.png", category="1. Decode", caption="../report/decode.rst"),
     params:
+        out_dir=lambda w: f"results/{w.run}",
         code=fingerprint("decode_report"),
     log:
-        R + "/logs/decode_report.log",
+        "results/{run}/logs/decode_report.log",
+    conda:
+        CPU_ENV
     shell:
-        "{AVEPIPE} decode-report --index {input.index} --problems {input.problems}"
-        " --out-dir results/{wildcards.run} {input.shards} > {log} 2>&1"
+        "avepipe decode-report --index {input.index} --problems {input.problems}"
+        " --out-dir {params.out_dir} {input.shards} > {log} 2>&1"

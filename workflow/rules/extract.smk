@@ -2,28 +2,13 @@
 # the fine-tuned weights written by the finetune rule.
 
 
-def extract_weights(w):
-    if w.enc.endswith("_ft"):
-        return f"results/{w.run}/finetune/{w.enc.removesuffix('_ft')}/weights.pth"
-    return []
-
-
-def enc_opt(key):
-    return lambda w: apcfg.encoder_settings(C(w), w.enc)[key] if key in apcfg.encoder_settings(C(w), w.enc) else ""
-
-
-def window_arg(w):
-    win = C(w).get("windows")
-    return f"--window {win['window']} --hop {win['hop']}" if win else ""
-
-
 rule extract:
     input:
-        decoded=R + "/decoded/shard-{shard}.zarr",
-        index=R + "/index.parquet",
+        decoded="results/{run}/decoded/shard-{shard}.zarr",
+        index="results/{run}/index.parquet",
         weights=extract_weights,
     output:
-        directory(R + "/features/{enc}/shard-{shard}.zarr"),
+        directory("results/{run}/features/{enc}/shard-{shard}.zarr"),
     params:
         encoder=lambda w: w.enc.removesuffix("_ft"),
         weights=lambda w: extract_weights(w) or apcfg.encoder_settings(C(w), w.enc)["weights"],
@@ -31,24 +16,22 @@ rule extract:
         batch=enc_opt("batch_size"),
         workers=enc_opt("num_workers"),
         dtype=enc_opt("dtype"),
-        options=lambda w: " ".join(
-            f"--opt {k}={v}"
-            for k, v in sorted(apcfg.encoder_settings(C(w), w.enc).items())
-            if k in ("preprocessing", "pooled", "pca")
-        ),
+        options=encoder_options,
         windows=window_arg,
-        code=lambda w: fingerprint("extract:" + w.enc.removesuffix("_ft")),
+        code=lambda w: fingerprint(f"extract:{w.enc.removesuffix('_ft')}"),
     threads: 2
     resources:
         gpu=1,
         mem_mb=8000,
         runtime=240,
     log:
-        R + "/logs/extract/{enc}/shard-{shard}.log",
+        "results/{run}/logs/extract/{enc}/shard-{shard}.log",
     benchmark:
-        R + "/benchmarks/extract/{enc}/shard-{shard}.tsv"
+        "results/{run}/benchmarks/extract/{enc}/shard-{shard}.tsv"
+    conda:
+        GPU_ENV
     shell:
-        "{AVEPIPE} extract --decoded {input.decoded} --index {input.index} --encoder {params.encoder}"
+        "avepipe extract --decoded {input.decoded} --index {input.index} --encoder {params.encoder}"
         " --weights {params.weights} --frames-per-segment {params.frames} --batch-size {params.batch}"
         " --num-workers {params.workers} --dtype {params.dtype} {params.options} {params.windows}"
         " --threads {threads} --out {output} --no-progress > {log} 2>&1"
@@ -56,12 +39,20 @@ rule extract:
 
 rule store_summary:
     input:
-        lambda w: expand(R + "/features/{enc}/shard-{shard}.zarr", run=w.run, enc=w.enc, shard=shards(w.run)),
+        encoder_shards,
     output:
-        R + "/features/{enc}/summary.json",
+        report(
+            "results/{run}/features/{enc}/summary.json",
+            category="2. Features",
+            subcategory="{enc}",
+            caption="../report/features.rst",
+        ),
     params:
+        store=lambda w: f"results/{w.run}/features/{w.enc}",
         code=fingerprint("store"),
     log:
-        R + "/logs/store_summary/{enc}.log",
+        "results/{run}/logs/store_summary/{enc}.log",
+    conda:
+        CPU_ENV
     shell:
-        "{AVEPIPE} inspect --json --out {output} results/{wildcards.run}/features/{wildcards.enc} > {log} 2>&1"
+        "avepipe inspect --json --out {output} {params.store} > {log} 2>&1"

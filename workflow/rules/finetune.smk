@@ -4,30 +4,39 @@
 
 rule finetune:
     input:
-        manifest=R + "/manifest.parquet",
-        decoded=lambda w: expand(R + "/decoded/shard-{shard}.zarr", run=w.run, shard=shards(w.run)),
-        audio=lambda w: expand(
-            R + "/features/{enc}/shard-{shard}.zarr", run=w.run, enc=C(w)["finetune"]["audio"], shard=shards(w.run)
-        ),
+        manifest="results/{run}/manifest.parquet",
+        decoded=decoded_shards,
+        audio=lambda w: encoder_shards(w, C(w)["finetune"]["audio"]),
     output:
-        weights=R + "/finetune/{enc}/weights.pth",
-        log=R + "/finetune/{enc}/log.jsonl",
-        png=report(R + "/finetune/{enc}/loss.png", category="3. Fine-tuning", caption="../report/finetune.rst"),
-        prov=R + "/finetune/{enc}/provenance.json",
+        weights="results/{run}/finetune/{enc}/weights.pth",
+        log="results/{run}/finetune/{enc}/log.jsonl",
+        png=report(
+            "results/{run}/finetune/{enc}/loss.png",
+            category="3. Fine-tuning",
+            subcategory="{enc}",
+            caption="../report/finetune.rst",
+        ),
+        prov=report(
+            "results/{run}/finetune/{enc}/provenance.json",
+            category="3. Fine-tuning",
+            subcategory="{enc}",
+            caption="../report/finetune_provenance.rst",
+        ),
     params:
         base_weights=lambda w: apcfg.encoder_settings(C(w), w.enc)["weights"],
-        side=lambda w: C(w)["finetune"]["side"],
-        temperature=lambda w: C(w)["finetune"]["temperature"],
-        epochs=lambda w: C(w)["finetune"]["epochs"],
-        lr=lambda w: C(w)["finetune"]["lr"],
-        momentum=lambda w: C(w)["finetune"]["momentum"],
-        wd=lambda w: C(w)["finetune"]["weight_decay"],
+        side=ft_opt("side"),
+        temperature=ft_opt("temperature"),
+        epochs=ft_opt("epochs"),
+        lr=ft_opt("lr"),
+        momentum=ft_opt("momentum"),
+        wd=ft_opt("weight_decay"),
         milestones=lambda w: ",".join(map(str, C(w)["finetune"]["milestones"])),
-        batch=lambda w: C(w)["finetune"]["batch_size"],
-        proj=lambda w: C(w)["finetune"]["proj_dim"],
-        trainable=lambda w: C(w)["finetune"]["trainable"],
+        batch=ft_opt("batch_size"),
+        proj=ft_opt("proj_dim"),
+        trainable=ft_opt("trainable"),
         include_val=lambda w: "--include-val" if C(w)["finetune"]["include_val"] else "",
         seed=lambda w: C(w)["seed"],
+        out_dir=lambda w: f"results/{w.run}/finetune/{w.enc}",
         code=fingerprint("finetune"),
     threads: 2
     resources:
@@ -35,14 +44,16 @@ rule finetune:
         mem_mb=16000,
         runtime=720,
     log:
-        R + "/logs/finetune/{enc}.log",
+        "results/{run}/logs/finetune/{enc}.log",
     benchmark:
-        R + "/benchmarks/finetune/{enc}.tsv"
+        "results/{run}/benchmarks/finetune/{enc}.tsv"
+    conda:
+        GPU_ENV
     shell:
-        "{AVEPIPE} finetune --manifest {input.manifest} --encoder {wildcards.enc}"
+        "avepipe finetune --manifest {input.manifest} --encoder {wildcards.enc}"
         " --base-weights {params.base_weights} --side {params.side} --temperature {params.temperature}"
         " --epochs {params.epochs} --lr {params.lr} --momentum {params.momentum} --weight-decay {params.wd}"
         " --milestones {params.milestones} --batch-size {params.batch} --proj-dim {params.proj}"
         " --trainable {params.trainable} {params.include_val} --seed {params.seed} --threads {threads}"
         " --audio-store {input.audio} --decoded {input.decoded}"
-        " --out-dir results/{wildcards.run}/finetune/{wildcards.enc} > {log} 2>&1"
+        " --out-dir {params.out_dir} > {log} 2>&1"

@@ -1,28 +1,31 @@
 # Report: one summary per run (summary.json, summary.md, plots) over every head run.
 
 
-def head_metrics(w):
-    return [
-        f"results/{w.run}/heads/{h}/{f}/{s}/seed{k}/metrics.json" for (h, f, s, k) in head_jobs(w.run)
-    ]
-
-
 rule summary:
     input:
         metrics=head_metrics,
-        manifest=R + "/manifest.parquet",
+        manifest="results/{run}/manifest.parquet",
     output:
-        json=R + "/summary.json",
-        md=report(R + "/summary.md", category="4. Heads", caption="../report/summary.rst"),
+        json="results/{run}/summary.json",
+        md=report(
+            "results/{run}/summary.md",
+            category="4. Heads",
+            subcategory="summary",
+            caption="../report/summary.rst",
+        ),
         plots=report(
-            directory(R + "/plots"),
+            directory("results/{run}/plots"),
             patterns=["{name}.png"],
             category="4. Heads",
+            subcategory="summary",
             caption="../report/plots.rst",
         ),
     params:
+        out_dir=lambda w: f"results/{w.run}",
         code=fingerprint("report"),
     log:
-        R + "/logs/summary.log",
+        "results/{run}/logs/summary.log",
+    conda:
+        CPU_ENV
     shell:
-        "{AVEPIPE} summarize --run {wildcards.run} --out-dir results/{wildcards.run} {input.metrics} > {log} 2>&1"
+        "avepipe summarize --run {wildcards.run} --out-dir {params.out_dir} {input.metrics} > {log} 2>&1"
