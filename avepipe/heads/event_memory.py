@@ -253,9 +253,19 @@ class EventMemory(nn.Module):
         if not self.bank_consistency:
             return self.bank_feats
         filled = self.bank_filled
-        key_mask = filled | ~filled.any(1, keepdim=True)  # an empty class attends to its zeros
-        feats, _, _ = self.encode(self.bank_visual, self.bank_audio, key_mask)
-        return feats
+        has = filled.any(1)
+        if bool(has.all()):
+            feats, _, _ = self.encode(self.bank_visual, self.bank_audio, filled)
+            return feats
+        # Only classes with entries are encoded: an empty class's features are never read
+        # (its prototype logit and distances are masked out), and with few classes present
+        # (small data sets, early batches) encoding all C x n slots would cost more than the batch.
+        idx = has.nonzero().squeeze(1)
+        out = self.bank_visual.new_zeros(*filled.shape, self.D)
+        if len(idx):
+            feats, _, _ = self.encode(self.bank_visual[idx], self.bank_audio[idx], filled[idx])
+            out = out.to(feats.dtype).index_copy(0, idx, feats)
+        return out
 
     def _bank_for_eval(self):
         """Re-encoding the bank costs ~1/3 of a batch; in eval reuse it while weights and bank
