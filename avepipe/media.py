@@ -252,7 +252,7 @@ def decode(path: str | Path, times: np.ndarray | None = None, size: tuple[int, i
                             selector.push(frame, (selector.last_time or 0.0) + period)
                         else:
                             selector.push(frame, frame.pts * vnum / vden)
-                    if selector.done:
+                    if selector.done and selector.n_frames:  # at least one frame: the stream decodes
                         video_done = True
                         if not want_audio:
                             break

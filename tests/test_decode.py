@@ -252,3 +252,24 @@ def test_rerun_replaces_existing_store_and_keeps_live_tmp(tmp_path):
     decode.decode_shard(_rows(paths, 2.0), out, n_segments=2, audio_rates=[16000], progress=False)
     assert not (out / "junk").exists() and zarr.open_group(str(out), mode="r")["status"][0] == "ok"
     assert live.exists()
+
+
+def test_no_frame_sample_still_decodes(tmp_path):
+    """k = 0 (runs without fine-tuning, e.g. UnAV-100): audio only is stored, videos stay ok."""
+    import numpy as np
+    import pandas as pd
+    import zarr
+
+    from avepipe.datasets.writer import write_mp4
+    from avepipe.decode import decode_shard
+
+    t = np.arange(3 * 16000) / 16000
+    path = write_mp4(tmp_path / "v.mp4", np.full((36, 64, 64, 3), 90, np.uint8), 12,
+                     (0.3 * np.sin(2 * np.pi * 440 * t))[None].astype(np.float32), 16000)
+    rows = pd.DataFrame({"sample": [0], "video_id": ["v"], "split": ["train"], "path": [str(path)],
+                         "exists": [True], "shard": [0], "duration": [3.0]})
+    status = decode_shard(rows, tmp_path / "s.zarr", n_segments=None, audio_rates=[16000],
+                          sample_frames_per_segment=0, progress=False)
+    assert status["status"].tolist() == ["ok"], status["reason"].tolist()
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert g["frames"].shape[2] == 0 and g["n_segments"][0] == 3
