@@ -29,7 +29,7 @@ rule train:
         evaluate=lambda w: " ".join(f"--eval {k}={v}" for k, v in sorted(C(w).get("evaluate", {}).items())),
         out_dir=lambda w: f"results/{w.run}/heads/{w.head}/{w.features}/{w.setting}/seed{w.seed}",
         code=lambda w: fingerprint(f"heads:{w.head}"),
-    threads: 2
+    threads: 1  # small heads: two jobs side by side beat one job on two threads
     resources:
         gpu=1,
         mem_mb=16000,
