@@ -360,6 +360,17 @@ def _ave_tracks(rng: np.random.Generator, cls: int, start: int, end: int, n_clas
     return [Track(t.cls, float(t.t0), float(t.t1), t.modality) for t in tracks]
 
 
+def _start(out, videos: int, seed: int, classes: int, max_classes: int, choices: tuple):
+    """Check the arguments shared by both generators; the root, the dataset RNG, ids and media."""
+    if not 1 <= classes <= max_classes:
+        raise ValueError(f"classes must be in 1..{max_classes}, got {classes}")
+    if videos < 1 or seed < 0:
+        raise ValueError(f"videos must be >= 1 and seed >= 0, got videos={videos}, seed={seed}")
+    rng = np.random.default_rng(seed)
+    ids = make_ids(rng, videos)
+    return Path(out), rng, ids, _media_params(rng, videos, *choices)
+
+
 def make_ave(out: str | Path, videos: int, seed: int, classes: int | None = None, *,
              fps_choices=FPS_CHOICES, size_choices=SIZE_CHOICES, rate_choices=RATE_CHOICES,
              channel_choices=CHANNEL_CHOICES, full_event_prob: float = 0.3,
@@ -372,14 +383,8 @@ def make_ave(out: str | Path, videos: int, seed: int, classes: int | None = None
     Each video has one class and one contiguous event of >= 2 whole seconds.
     """
     k = len(AVE_CLASSES) if classes is None else int(classes)
-    if not 1 <= k <= len(AVE_CLASSES):
-        raise ValueError(f"classes must be in 1..{len(AVE_CLASSES)}, got {classes}")
-    if videos < 1 or seed < 0:
-        raise ValueError(f"videos must be >= 1 and seed >= 0, got videos={videos}, seed={seed}")
-    root = Path(out)
-    rng = np.random.default_rng(seed)
-    ids = make_ids(rng, videos)
-    media = _media_params(rng, videos, fps_choices, size_choices, rate_choices, channel_choices)
+    root, rng, ids, media = _start(out, videos, seed, k, len(AVE_CLASSES),
+                                   (fps_choices, size_choices, rate_choices, channel_choices))
     labels = [int(c) for c in _balanced(rng, list(range(k)), videos)]
     rows, specs = [], []
     for i, (vid, cls, mp) in enumerate(zip(ids, labels, media)):
@@ -439,14 +444,8 @@ def make_unav100(out: str | Path, videos: int, seed: int, classes: int = 5, *,
     hold 1..``max_events`` events with float boundaries; overlapping events show both pictures
     side by side and mix both sounds. Gaps may hold single-modality distractors (background).
     """
-    if not 1 <= classes <= len(UNAV_CLASSES):
-        raise ValueError(f"classes must be in 1..{len(UNAV_CLASSES)}, got {classes}")
-    if videos < 1 or seed < 0:
-        raise ValueError(f"videos must be >= 1 and seed >= 0, got videos={videos}, seed={seed}")
-    root = Path(out)
-    rng = np.random.default_rng(seed)
-    ids = make_ids(rng, videos)
-    media = _media_params(rng, videos, fps_choices, size_choices, rate_choices, channel_choices)
+    root, rng, ids, media = _start(out, videos, seed, classes, len(UNAV_CLASSES),
+                                   (fps_choices, size_choices, rate_choices, channel_choices))
     specs, db, first_labels = [], {}, []
     for i, (vid, mp) in enumerate(zip(ids, media)):
         vrng = np.random.default_rng([seed, i])
