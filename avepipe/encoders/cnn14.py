@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from avepipe.encoders import EncoderSpec, LoadedEncoder
-from avepipe.encoders.weights import OfficialWeights, WeightsError, build_with_weights
+from avepipe.encoders.weights import OfficialWeights, WeightsError, build_with_weights, inference_ready
 
 SAMPLE_RATE = 32000
 MIN_SAMPLES = 9920  # shortest input the 6 pooling stages accept
@@ -108,9 +108,7 @@ def load(spec: EncoderSpec, weights: str = "random", device: Any = "cpu", *,
     """Build Cnn14 -> 2048-d embedding per chunk."""
     model, info = build_with_weights(spec, weights, lambda: cnn14_embedding_class()(), unwrap=_unwrap,
                                      seed=seed)
-    model = model.eval().requires_grad_(False).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = inference_ready(model, device, channels_last)
     options = {"preprocessing": "panns_cnn14_logmel", "output": "embedding", **CNN14_ARGS,
                "channels_last": channels_last}
     return LoadedEncoder(model=model, preprocess=preprocess, weights_info=info, options=options)

@@ -15,7 +15,7 @@ from torchvision.models import ResNet50_Weights, resnet50
 
 from avepipe.encoders import EncoderSpec, LoadedEncoder
 from avepipe.encoders.vgg19 import frames_to_nchw
-from avepipe.encoders.weights import OfficialWeights, build_with_weights, layout_of
+from avepipe.encoders.weights import OfficialWeights, build_with_weights, inference_ready, layout_of
 
 PREPROCESSING = {"imagenet1k_v2": ResNet50_Weights.IMAGENET1K_V2, "imagenet1k_v1": ResNet50_Weights.IMAGENET1K_V1}
 
@@ -63,11 +63,7 @@ def load(spec: EncoderSpec, weights: str = "random", device: Any = "cpu", *,
     pre = make_preprocess(preprocessing)
     model, info = build_with_weights(spec, weights, partial(ResNet50Trunk, pooled=pooled),
                                      official_layout=lambda: layout_of(resnet50), seed=seed)
-    model = model.eval().requires_grad_(False).to(device)
-    if channels_last:  # faster on CPU (oneDNN) and GPU; measured in the README/report
-        model = model.to(memory_format=torch.channels_last)
-    else:
-        model.memory_format = torch.contiguous_format
+    model = inference_ready(model, device, channels_last)
     options = {"preprocessing": preprocessing, "pooled": pooled, "output": "layer4", "channels_last": channels_last}
     return LoadedEncoder(model=model, preprocess=pre, weights_info=info, options=options)
 

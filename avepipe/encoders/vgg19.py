@@ -19,7 +19,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from avepipe.encoders import EncoderSpec, LoadedEncoder
-from avepipe.encoders.weights import OfficialWeights, build_with_weights, layout_of
+from avepipe.encoders.weights import OfficialWeights, build_with_weights, inference_ready, layout_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,11 +81,7 @@ def load(spec: EncoderSpec, weights: str = "random", device: Any = "cpu", *,
         raise ValueError(f"vgg19: preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
     model, info = build_with_weights(spec, weights, partial(VGG19Pool5, pooled=pooled),
                                      official_layout=_official_layout, seed=seed)
-    model = model.eval().requires_grad_(False).to(device)
-    if channels_last:  # faster on CPU (oneDNN) and GPU; measured in the README/report
-        model = model.to(memory_format=torch.channels_last)
-    else:
-        model.memory_format = torch.contiguous_format
+    model = inference_ready(model, device, channels_last)
     pre = preprocess_ave if preprocessing == "ave" else preprocess_torchvision
     options = {"preprocessing": preprocessing, "pooled": pooled, "output": "pool5", "channels_last": channels_last}
     return LoadedEncoder(model=model, preprocess=pre, weights_info=info, options=options)

@@ -18,7 +18,8 @@ from torch import nn
 
 from avepipe.encoders import EncoderSpec, LoadedEncoder
 from avepipe.encoders.weights import (OfficialWeights, WeightsError, as_tensor_dict, check_state_dict,
-                                      build_with_weights, fetch_official, file_sha256, read_checkpoint)
+                                      build_with_weights, fetch_official, file_sha256, inference_ready,
+                                      read_checkpoint)
 
 SAMPLE_RATE = 16000
 WINDOW = 400  # 25 ms
@@ -151,11 +152,7 @@ def load(spec: EncoderSpec, weights: str = "random", device: Any = "cpu", *,
     model, info = build_with_weights(spec, weights, VGGish, seed=seed)
     if pca_module is not None:
         model.pca, info["pca"] = pca_module, pca_info
-    model = model.eval().requires_grad_(False).to(device)
-    if channels_last:  # faster on CPU (oneDNN) and GPU; measured in the README/report
-        model = model.to(memory_format=torch.channels_last)
-    else:
-        model.memory_format = torch.contiguous_format
+    model = inference_ready(model, device, channels_last)
     front = LogMelPatch()  # stays on CPU: extraction runs preprocessing in DataLoader workers
     options = {"preprocessing": "vggish_logmel_patch", "pca": bool(pca), "window": WINDOW, "hop": HOP,
                "n_fft": N_FFT, "n_mels": N_MELS, "fmin": FMIN, "fmax": FMAX, "patch_frames": PATCH_FRAMES,

@@ -313,3 +313,15 @@ def build_with_weights(
     info = {"id": r.id, "sha256": file_sha256(r.path), "source": r.source, "file": r.path.name}
     log.info("%s: loaded %s (sha256 %s)", spec.name, r.path, info["sha256"][:12])
     return model, info
+
+
+def inference_ready(model: torch.nn.Module, device: Any, channels_last: bool) -> torch.nn.Module:
+    """eval(), frozen, on ``device``; channels_last memory (faster for convs with oneDNN and
+    cuDNN) unless disabled, in which case a model that converts its input itself
+    (``memory_format`` attribute) is told to keep NCHW."""
+    model = model.eval().requires_grad_(False).to(device)
+    if channels_last:
+        return model.to(memory_format=torch.channels_last)
+    if hasattr(model, "memory_format"):
+        model.memory_format = torch.contiguous_format
+    return model
