@@ -52,14 +52,16 @@ class AudioGuidedAttention(nn.Module):
     v_t^att = sum_i alpha_t^i v_t^i  (weights over the H*W regions; raw features pooled).
     """
 
-    def __init__(self, visual_dim: int, audio_dim: int, hidden: int = 512, att_units: int = 49):
+    def __init__(self, visual_dim: int, audio_dim: int, hidden: int = 512, att_units: int = 49,
+                 xavier_init: bool = True):
         super().__init__()
         self.affine_video = nn.Linear(visual_dim, hidden)
         self.affine_audio = nn.Linear(audio_dim, hidden)
         self.affine_v = nn.Linear(hidden, att_units, bias=False)
         self.affine_g = nn.Linear(hidden, att_units, bias=False)
         self.affine_h = nn.Linear(att_units, 1, bias=False)
-        _xavier(self.affine_video, self.affine_audio, self.affine_v, self.affine_g, self.affine_h)
+        if xavier_init:  # as the AVE-ECCV18 code; CCLN keeps PyTorch's default init
+            _xavier(self.affine_video, self.affine_audio, self.affine_v, self.affine_g, self.affine_h)
 
     def forward(self, visual: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # visual (B,T,R,C) regions, audio (B,T,Ca) -> attended (B,T,C), weights (B,T,R)

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avepipe.heads.baselines import AudioGuidedAttention  # AGVA, eq. 1 (Tian et al.)
+
 # Paper §V-A: Adam (default settings), 200 epochs, batch 128; no schedule is mentioned.
 TRAIN_DEFAULTS = {
     s: dict(optimizer="adam", lr=lr, weight_decay=0.0, epochs=200, batch_size=128,
@@ -131,25 +133,6 @@ def _video_class(video_label: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- modules
-class AGVA(nn.Module):
-    """Audio-guided visual attention (eq. 1, Tian et al. ECCV'18): spatial softmax per segment."""
-
-    def __init__(self, v_dim: int, a_dim: int, hidden: int = 512, att_dim: int = 49):
-        super().__init__()
-        self.affine_video = nn.Linear(v_dim, hidden)
-        self.affine_audio = nn.Linear(a_dim, hidden)
-        self.affine_v = nn.Linear(hidden, att_dim, bias=False)
-        self.affine_g = nn.Linear(hidden, att_dim, bias=False)
-        self.affine_h = nn.Linear(att_dim, 1, bias=False)
-
-    def forward(self, v: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # v (B,T,N,Cv), a (B,T,Ca) -> (B,T,Cv), alpha (B,T,N)
-        content = self.affine_v(F.relu(self.affine_video(v)))
-        guide = self.affine_g(F.relu(self.affine_audio(a))).unsqueeze(2)
-        alpha = torch.softmax(self.affine_h(torch.tanh(content + guide)).squeeze(-1), dim=-1)
-        return torch.einsum("btn,btnc->btc", alpha, v), alpha
-
-
 class SelfAttention(nn.Module):
     """Sa(.) of eq. 2-3: multi-head self-attention with residual and LayerNorm."""
 
@@ -227,7 +210,7 @@ class CCLN(nn.Module):
 
         # Fusion stage (eq. 1-3). AGVA needs a spatial map; on pooled vectors the softmax over a
         # single cell is the identity, so it is not built (its weights would get no gradient).
-        self.agva = AGVA(c_v, audio_dim, v_hidden) if self.spatial else None
+        self.agva = AudioGuidedAttention(c_v, audio_dim, v_hidden, xavier_init=False) if self.spatial else None
         self.lstm_v = nn.LSTM(c_v, lstm_hidden, batch_first=True, bidirectional=True)
         self.lstm_a = nn.LSTM(audio_dim, lstm_hidden, batch_first=True, bidirectional=True)
         self.sa_v = SelfAttention(hidden, heads, dropout)
