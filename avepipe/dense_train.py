@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from avepipe.devices import resolve_device
 from avepipe.heads.dense import TRAIN_DEFAULTS, DenseLocalizer, soft_nms
 from avepipe.metrics import detection_map
 from avepipe.provenance import provenance
@@ -293,8 +294,7 @@ def train_dense(data: DenseData, out_dir: Path, *, seed=0, epochs=None, batch_si
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     d = dict(TRAIN_DEFAULTS["full"])
     epochs, batch_size, lr = epochs or d["epochs"], batch_size or d["batch_size"], lr or d["lr"]
     warm = min(d["warmup_epochs"], epochs // 8)

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from avepipe import media
+from avepipe.devices import resolve_device
 from avepipe.provenance import provenance
 from avepipe.store import FeatureShardWriter
 
@@ -135,12 +136,6 @@ def _identity(batch):
 
 
 # --------------------------------------------------------------------------- model
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _forward(model: torch.nn.Module, x: torch.Tensor, device: torch.device, batch_size: int,
              channels_last: bool) -> torch.Tensor:
     """Model outputs for all of ``x`` in batches of ``batch_size``, float32 on CPU."""

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import zarr
 from torch import nn
 
+from avepipe.devices import resolve_device
 from avepipe.encoders import get_encoder
 from avepipe.provenance import provenance, sha256_file
 
@@ -236,12 +237,6 @@ def official_state_dict(encoder: str, trunk: nn.Module, base_weights: str, seed:
 
 
 # --------------------------------------------------------------------------- loop
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def finetune(
     manifest: pd.DataFrame,
     decoded: Sequence[Path],
@@ -273,7 +268,7 @@ def finetune(
         raise NotImplementedError(f"finetune.side = {side!r}: only 'visual' is implemented")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dev = _device(device)
+    dev = resolve_device(device)
     torch.manual_seed(seed)
     np.random.seed(seed)
     was_deterministic = torch.are_deterministic_algorithms_enabled()

@@ -20,7 +20,7 @@ from typing import Any
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 _ENCODER_FILES = ["encoders/__init__.py", "encoders/weights.py"]
-_EXTRACT_FILES = ["extract.py", "store.py", "media.py", "provenance.py", *_ENCODER_FILES]
+_EXTRACT_FILES = ["extract.py", "store.py", "media.py", "provenance.py", "devices.py", *_ENCODER_FILES]
 
 # Source files (relative to the package) each stage's output depends on. Editing any of
 # them changes the fingerprint, so stale outputs are recognisable.
@@ -32,8 +32,8 @@ STAGE_MODULES: dict[str, list[str]] = {
     "extract:cnn14": [*_EXTRACT_FILES, "encoders/cnn14.py"],
     "import_h5": ["interop.py", "store.py", "provenance.py"],
     "export_h5": ["interop.py", "store.py", "datasets/labels.py"],
-    "finetune": ["finetune.py", *_ENCODER_FILES],
-    "train": ["train.py", "store.py", "datasets/labels.py"],
+    "finetune": ["finetune.py", "devices.py", *_ENCODER_FILES],
+    "train": ["train.py", "store.py", "devices.py", "datasets/labels.py"],
     "evaluate": ["metrics.py", "train.py"],
     "unav": ["datasets/unav100.py", "heads/dense.py", "metrics.py", "train.py"],
     # workflow-level stages (the Snakemake rules' code params)
@@ -46,7 +46,7 @@ STAGE_MODULES: dict[str, list[str]] = {
 # heads that share one module file
 _HEAD_FILES = {"avel": "baselines", "audio_only": "baselines", "visual_only": "baselines"}
 # heads:<name> -> the head's own module plus the shared training loop.
-_HEAD_COMMON = ["heads/__init__.py", "train.py", "store.py"]
+_HEAD_COMMON = ["heads/__init__.py", "train.py", "store.py", "devices.py"]
 
 _VERSION_PACKAGES = ("torch", "torchvision", "torchaudio", "av", "zarr", "numpy")
 

@@ -34,6 +34,7 @@ import torch
 
 from avepipe import metrics as M
 from avepipe.datasets.labels import BACKGROUND, NUM_CLASSES, ave_label_arrays
+from avepipe.devices import resolve_device
 from avepipe.heads import HEADS, build, train_defaults
 
 SPLITS = ("train", "val", "test")
@@ -323,12 +324,6 @@ class BatchFeeder:
 
 
 # --------------------------------------------------------------------------- helpers
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     kind = cfg["optimizer"].lower()
     lr, wd = float(cfg["lr"]), float(cfg.get("weight_decay") or 0.0)
