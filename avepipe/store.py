@@ -2,13 +2,14 @@
 
 Layout (docs/contracts.md "Feature shard")::
 
-    features   (n, T, ...)  float16 (visual maps, default) | float32; one video per chunk
+    features   (n, T, ...)  float16 (visual maps, default) | float32; ~8 MiB chunks of whole videos
     video_id   (n,) str     lengths (n,) int32     timestamps (n, T) float64 (NaN past length)
     status     (n,) str     reason  (n,) str       attrs: provenance
 
 A shard is written into ``<out>.tmp-<pid>`` and renamed when complete, so a shard
-that exists is whole. Small per-video chunks (audio embeddings, a few KB) are grouped
-into sharding-codec shards of ~1 MiB so a store is not thousands of tiny files.
+that exists is whole. Chunks hold as many whole videos as fit in ~8 MiB: zarr pays a
+fixed cost per chunk, so one-video chunks made a full read 4-7x slower than the legacy
+h5 (benchmarks/extract.py), and small audio rows would be thousands of tiny files.
 """
 from __future__ import annotations
 
@@ -17,14 +18,18 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import dask.array as da
 import numpy as np
 import zarr
 
-SHARD_TARGET_BYTES = 1 << 20  # group per-video chunks up to ~1 MiB per file
-READ_BLOCK_BYTES = 64 << 20   # dask task size when reading: one zarr call per ~64 MiB of rows
+CHUNK_TARGET_BYTES = 8 << 20  # whole videos per chunk, up to ~8 MiB (one file each)
+READ_BLOCK_BYTES = 256 << 20  # dask task size when reading: one zarr call per ~256 MiB of rows
+# zarr's default of 10 concurrent chunk reads costs more than it gains on a local disk with
+# few cores (benchmarks/extract.py: a full read ~2x faster at 2); ZARR_ASYNC__CONCURRENCY overrides.
+if "ZARR_ASYNC__CONCURRENCY" not in os.environ:
+    zarr.config.set({"async.concurrency": 2})
 # Features are stored uncompressed by default: on the benchmark (benchmarks/extract.py)
 # zstd/blosc decoding made a full read 2-3x slower while saving ~40% on synthetic maps;
 # float16 already halves the legacy float32 h5. "zstd" / "blosc-lz4" are options for archives.
@@ -37,8 +42,8 @@ _STR_ARRAYS = ("video_id", "status", "reason")
 
 
 # --------------------------------------------------------------------------- writing
-def _rows_per_shard(row_bytes: int) -> int:
-    return max(1, SHARD_TARGET_BYTES // max(1, row_bytes))
+def _rows_per_chunk(row_bytes: int) -> int:
+    return max(1, CHUNK_TARGET_BYTES // max(1, row_bytes))
 
 
 class FeatureShardWriter:
@@ -74,18 +79,14 @@ class FeatureShardWriter:
         self.tmp.parent.mkdir(parents=True, exist_ok=True)
         self.group = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
 
-        row_shape = (1, self.T, *self.step_shape)
-        row_bytes = int(np.prod(row_shape)) * self.dtype.itemsize
-        self.block = min(max(1, self.n), _rows_per_shard(row_bytes))
+        row_bytes = int(np.prod((self.T, *self.step_shape))) * self.dtype.itemsize
+        self.block = min(max(1, self.n), _rows_per_chunk(row_bytes))
         shape = (self.n, self.T, *self.step_shape)
-        kw: dict[str, Any] = {}
-        if self.block > 1:
-            kw["shards"] = (self.block, self.T, *self.step_shape)
+        # rows are buffered and written a whole chunk at a time (each chunk file written once)
         self.features = self.group.create_array(
-            "features", shape=shape, chunks=row_shape, dtype=self.dtype, fill_value=0,
-            dimension_names=["video", "step", *[f"d{i}" for i in range(len(self.step_shape))]],
+            "features", shape=shape, chunks=(self.block, self.T, *self.step_shape), dtype=self.dtype,
+            fill_value=0, dimension_names=["video", "step", *[f"d{i}" for i in range(len(self.step_shape))]],
             compressors=COMPRESSION[compression]() if compression else None,
-            **kw,
         )
         self.lengths = np.zeros(self.n, np.int32)
         self.timestamps = np.full((self.n, self.T), np.nan)
@@ -273,8 +274,8 @@ def _strings(arr) -> np.ndarray:
 def _read_shard(p: Path) -> tuple[da.Array, dict[str, np.ndarray], dict]:
     g = zarr.open_group(str(p), mode="r")
     f = g["features"]
-    # dask tasks span many videos (a multiple of the codec shard): per-task overhead is
-    # what dominates a full read, not bytes
+    # dask tasks span many videos (a multiple of the chunk): per-task overhead is what
+    # dominates a full read, not bytes
     unit = (f.shards or f.chunks)[0]
     row_bytes = int(np.prod(f.shape[1:])) * f.dtype.itemsize
     rows = max(unit, (READ_BLOCK_BYTES // max(1, row_bytes)) // unit * unit)

@@ -29,7 +29,7 @@ def test_roundtrip_float16_default_and_provenance(tmp_path):
     np.testing.assert_array_equal(fs.timestamps[0], np.arange(10.0))
     assert fs.attrs["provenance"]["encoder"] == "vgg19"
     g = zarr.open_group(str(out), mode="r")
-    assert g["features"].chunks == (1, 10, 7, 7, 8)  # one video per chunk
+    assert g["features"].chunks == (3, 10, 7, 7, 8)  # whole videos per chunk (all 3 fit 8 MiB)
     assert g.attrs["provenance"] == {"encoder": "vgg19"}
 
 
@@ -39,15 +39,32 @@ def test_float32_option_exact(tmp_path):
     np.testing.assert_array_equal(open_features(out).features.compute(), x)
 
 
-def test_small_rows_grouped_into_codec_shards(tmp_path):
-    # 10x128 float32 = 5 kB per video: many videos per sharding-codec file.
+def test_small_rows_grouped_into_few_chunks(tmp_path):
+    # 10x128 float32 = 5 kB per video: all 300 videos fit one ~8 MiB chunk (one file).
     x = _maps(300, shape=(128,))
     out = write_feature_shard(tmp_path / "s.zarr", [f"v{i:03d}" for i in range(300)], x, dtype="float32")
     arr = zarr.open_group(str(out), mode="r")["features"]
-    assert arr.chunks == (1, 10, 128) and arr.shards is not None and arr.shards[0] > 1
-    files = [f for f in (out / "features").rglob("*") if f.is_file()]
-    assert len(files) < 10
+    assert arr.chunks == (300, 10, 128)
+    files = [f for f in (out / "features").rglob("*") if f.is_file() and f.name != "zarr.json"]
+    assert len(files) == 1
     np.testing.assert_array_equal(open_features(out).features.compute(), x)
+
+
+def test_big_rows_chunked_by_byte_target(tmp_path, monkeypatch):
+    # rows of 10x16 float32 = 640 B; a 2 kB target gives 3 videos per chunk, 7 videos -> 3 chunks
+    import avepipe.store as store
+
+    monkeypatch.setattr(store, "CHUNK_TARGET_BYTES", 2048)
+    x = _maps(7, shape=(16,))
+    ids = [f"v{i}" for i in range(7)]
+    with FeatureShardWriter(tmp_path / "s.zarr", ids, 10, (16,), "float32") as w:
+        for i in [6, 0, 3, 1, 5, 2, 4]:  # out of order: chunks flush once complete
+            w.write(i, x[i], np.arange(10) * 1.0)
+        w.commit()
+    arr = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["features"]
+    assert arr.chunks == (3, 10, 16)
+    assert arr.nchunks_initialized == 3
+    np.testing.assert_array_equal(open_features(tmp_path / "s.zarr").features.compute(), x)
 
 
 def test_writer_out_of_order_rows(tmp_path):
@@ -102,7 +119,7 @@ def test_failed_rows_and_inspect(tmp_path):
     info = inspect_store(tmp_path)
     json.dumps(info)  # --json must work
     assert info["shape"] == [2, 10, 3, 3, 4] and info["dtype"] == "float16"
-    assert info["chunks"] == [1, 10, 3, 3, 4]
+    assert info["chunks"] == [2, 10, 3, 3, 4]
     assert info["failed"] == [{"video_id": "bad", "reason": "no video stream"}]
     text = format_inspect(info)
     assert "bad: no video stream" in text and "vgg19" in text and "float16" in text
