@@ -62,8 +62,8 @@ def _check_semantics(cfg: dict, source: str) -> None:
             base = enc.removesuffix("_ft")
             if base not in encs:
                 raise ConfigError(f"{source}: features = {pair!r}: encoder {base!r} is not configured under encoders")
-            if enc.endswith("_ft") and not (cfg["finetune"].get("enabled") and base in _ft_encoders(cfg)):
-                raise ConfigError(f"{source}: features = {pair!r}: {enc!r} needs finetune.enabled and finetune.encoder = {base!r}")
+            if enc.endswith("_ft") and not (cfg["finetune"].get("enabled") and base in trained_encoders(cfg)):
+                raise ConfigError(f"{source}: features = {pair!r}: {enc!r} needs {_ft_needs(cfg, base)}")
     for head, hc in cfg.get("heads", {}).items():
         for pair in hc.get("features", []):
             if pair not in cfg.get("features", []):
@@ -79,7 +79,18 @@ def _check_semantics(cfg: dict, source: str) -> None:
         raise ConfigError(f"{source}: decode.n_segments = {cfg['decode']['n_segments']!r}: UnAV-100 videos vary in length; set it to null")
 
 
-def _ft_encoders(cfg: dict) -> list[str]:
+def _ft_needs(cfg: dict, base: str) -> str:
+    """What the config lacks for `<base>_ft` (fine-tuned `base` features) to exist."""
+    ft = cfg.get("finetune", {})
+    key, sides = ("audio", "audio or both") if base in AUDIO_ENCODERS else ("encoder", "visual or both")
+    have = (f"; finetune.side = {ft.get('side', 'visual')!r} trains {' and '.join(trained_encoders(cfg)) or 'nothing'}"
+            if ft.get("enabled") else "")
+    return f"finetune.enabled, finetune.{key} = {base!r} and finetune.side = {sides}{have}"
+
+
+def trained_encoders(cfg: dict) -> list[str]:
+    """The encoders `finetune.side` trains (visual: finetune.encoder, audio: finetune.audio,
+    both: both), i.e. those that may have `<enc>_ft` features."""
     ft = cfg.get("finetune", {})
     side = ft.get("side", "visual")
     out = []
@@ -102,7 +113,7 @@ def load_config(path: str | Path) -> dict:
 def feature_encoders(cfg: dict) -> list[str]:
     """Every feature store the run needs (base encoders and fine-tuned ones)."""
     names = list(cfg.get("encoders", {}))
-    names += [f"{e}_ft" for e in _ft_encoders(cfg)] if cfg["finetune"].get("enabled") else []
+    names += [f"{e}_ft" for e in trained_encoders(cfg)] if cfg["finetune"].get("enabled") else []
     return names
 
 

@@ -1,22 +1,24 @@
-"""InfoNCE audio-visual fine-tuning of an encoder (CACE-Net §3.4, eq. 9; REFERENCE §3).
+"""InfoNCE audio-visual fine-tuning of the encoders (CACE-Net §3.4, eq. 9; REFERENCE §3).
 
 Video-level samples: the visual vector is the mean over the sampled frames (one per second,
 from the decode stage's frame sample) of the trunk's map, spatially pooled; the audio vector
-is the mean of the per-second audio features read from the audio store. Both go through
+is the mean over the video's seconds of the per-second audio embedding. Both go through
 projection heads to a shared space, are L2-normalised, and a symmetric (CLIP-style) InfoNCE
 with temperature pulls matching pairs of a batch together (eq. 9).
 
-Frames are read from the decoded shards batch by batch in a background thread (not held in
-memory); a random one of the K stored frames is picked for every second, each epoch. Resume
-restores model, optimiser, schedule and both RNG streams, so an interrupted run ends with the
-same weights as an unbroken one (tested).
+``side`` picks what trains: ``visual`` (CACE-Net; the audio vector is read from the audio
+store, frozen), ``audio`` (the audio encoder on the decoded waveforms, through the same front
+end extraction uses; the visual vector is read from the visual store, frozen) or ``both``
+(frames and waveforms, both encoders in one job). Data loading: avepipe.finetune_data.
 
-Only train (+ val, by config) videos are used: the split filter runs on the manifest before
-any feature or frame is read, and `FinetuneData` refuses test ids (tested).
+Frames / waveforms are read from the decoded shards batch by batch in a background thread;
+a random one of the K stored frames is picked for every second, each epoch. Resume restores
+model, optimiser, schedule and both RNG streams, so an interrupted run ends with the same
+weights as an unbroken one (tested).
 
-The fine-tuned encoder is saved in the encoder's official state-dict layout (torchvision
-keys including the classifier / fc of the base weights), so extraction loads it as a local
-weights path with no special case.
+Each fine-tuned encoder is saved in its official state-dict layout (torchvision keys with the
+base weights' classifier / fc; torchvggish keys; PANNs ``{"model": state_dict}`` with every
+key of the base checkpoint), so extraction loads it as a local weights path, no special case.
 """
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -32,140 +33,42 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-import zarr
 from torch import nn
 
+from avepipe.config import AUDIO_ENCODERS, VISUAL_ENCODERS
 from avepipe.devices import resolve_device
 from avepipe.encoders import get_encoder
+from avepipe.finetune_data import (FinetuneData, TestSplitError, batch_frames, batch_waves,  # noqa: F401
+                                   load_finetune_data, select_videos)
 from avepipe.provenance import provenance, sha256_file
 
 log = logging.getLogger(__name__)
 
-
-class TestSplitError(RuntimeError):
-    """Test videos reached the fine-tuning data (forbidden: it would leak the test split)."""
-
-
-# --------------------------------------------------------------------------- data
-class FrameSource:
-    """Per-second frame samples of the chosen videos, read from the decoded shards on demand
-    (AVE train+val is ~6 GB of frames, UnAV-100 ~60 GB: they are not held in memory).
-
-    ``source[i]`` -> uint8 (n_segments_i, K, 224, 224, 3); rows past a video's real seconds
-    (zero padding of the shard) are not returned.
-    """
-
-    def __init__(self, arrays: list, rows: list[int], n_segments: np.ndarray):
-        self._arrays, self._rows, self._nseg = arrays, rows, n_segments
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return np.asarray(self._arrays[i][self._rows[i], : int(self._nseg[i])])
-
-    @property
-    def per_second(self) -> int:
-        return int(self._arrays[0].shape[2]) if self._arrays else 0
-
-
-@dataclass
-class FinetuneData:
-    video_ids: list[str]
-    frames: FrameSource  # frames[i]: (T_i, K, 224, 224, 3) uint8 — per-second frame sample
-    n_segments: np.ndarray  # (N,) real seconds per video
-    audio: np.ndarray  # (N, D) mean of per-second audio features
-
-    def __len__(self) -> int:
-        return len(self.video_ids)
-
-
-def select_videos(manifest: pd.DataFrame, include_val: bool) -> list[str]:
-    """Unique ok video ids of train (+val); test never passes. A video id that also appears
-    in test (AVE has 8 such duplicates) is dropped: its frames are test data."""
-    for col in ("video_id", "split", "status"):
-        if col not in manifest:
-            raise ValueError(f"fine-tuning manifest lacks column {col!r} (expected manifest.parquet)")
-    splits = {"train", "val"} if include_val else {"train"}
-    ok = manifest[manifest["status"] == "ok"]
-    test_ids = set(manifest.loc[manifest["split"] == "test", "video_id"])
-    ids = sorted(set(ok.loc[ok["split"].isin(splits), "video_id"]) - test_ids)
-    return ids
-
-
-def load_finetune_data(manifest: pd.DataFrame, decoded: Sequence[Path], audio_store: Sequence[Path],
-                       include_val: bool = True) -> FinetuneData:
-    """Train (+val) videos with their frame sample (lazy) and mean audio feature vector."""
-    from avepipe.store import open_features
-
-    ids = select_videos(manifest, include_val)
-    test_ids = set(manifest.loc[manifest["split"] == "test", "video_id"])
-    if test_ids & set(ids):  # defensive: select_videos must never let this happen
-        raise TestSplitError(f"test videos in fine-tuning data: {sorted(test_ids & set(ids))[:5]}")
-    wanted = set(ids)
-    arrays, rows, nseg, got, seen = [], [], [], [], set()
-    for path in decoded:
-        g = zarr.open_group(str(path), mode="r")
-        vids = [str(v) for v in g["video_id"][:]]
-        sel = [i for i, v in enumerate(vids) if v in wanted and v not in seen]
-        if not sel:
-            continue
-        if "frames" not in g or g["frames"].shape[2] == 0:
-            raise ValueError(f"{path}: no frame sample stored; set decode.sample_frames_per_segment >= 1")
-        status = [str(v) for v in g["status"][:]]
-        n_segments = np.asarray(g["n_segments"][:])
-        for i in sel:
-            if status[i] != "ok" or n_segments[i] < 1:
-                raise ValueError(f"{path}: video {vids[i]} is {status[i]!r} with {n_segments[i]} seconds "
-                                 "in the decoded shard but ok in the manifest")
-            arrays.append(g["frames"])
-            rows.append(i)
-            nseg.append(int(n_segments[i]))
-            got.append(vids[i])
-            seen.add(vids[i])
-    if not got:
-        raise ValueError("no train/val videos with decoded frames for fine-tuning")
-    missing = sorted(wanted - set(got))
-    if missing:
-        log.warning("%d train/val videos are in no decoded shard, e.g. %s", len(missing), missing[:3])
-    if len({a.shape[2] for a in arrays}) > 1:
-        raise ValueError("decoded shards disagree on frames per second (decode.sample_frames_per_segment)")
-    fs = open_features([Path(p) for p in audio_store], video_ids=got)
-    feats = np.asarray(fs.features.compute(), dtype=np.float32)
-    lengths = np.asarray(fs.lengths)
-    # mean over the real seconds of each video (the store may be padded)
-    mask = (np.arange(feats.shape[1])[None, :] < lengths[:, None]).astype(np.float32)
-    audio = (feats.reshape(len(got), feats.shape[1], -1) * mask[..., None]).sum(1) / np.maximum(mask.sum(1), 1)[:, None]
-    nseg = np.asarray(nseg)
-    return FinetuneData(got, FrameSource(arrays, rows, nseg), nseg, audio.astype(np.float32))
-
-
-def batch_frames(data: FinetuneData, idx: np.ndarray, pick: np.ndarray) -> np.ndarray:
-    """uint8 (sum T_i, 224, 224, 3): for each video of ``idx`` and each of its seconds, the
-    frame ``pick`` chooses among that second's K samples (one random frame per second)."""
-    out, at = [], 0
-    for i in idx:
-        f = data.frames[int(i)]  # (T, K, H, W, 3)
-        t = f.shape[0]
-        out.append(f[np.arange(t), pick[at:at + t]])
-        at += t
-    return np.ascontiguousarray(np.concatenate(out))
+SIDES = ("visual", "audio", "both")
 
 
 # --------------------------------------------------------------------------- model
 def trainable_blocks(model: nn.Module, encoder: str) -> list[nn.Module]:
-    """The encoder's blocks in forward order (the unit of `trainable: last:<n>`)."""
-    if encoder == "resnet50":
-        return [nn.ModuleList([model.conv1, model.bn1]), model.layer1, model.layer2, model.layer3, model.layer4]
-    if encoder == "vgg19":
+    """The encoder's blocks in forward order (the unit of `trainable: last:<n>`). Audio front
+    ends (log-mel, Cnn14's bn0) and Cnn14's AudioSet classifier are no block: always frozen."""
+    def split_at_pools(seq: nn.Sequential) -> list[nn.Module]:
         blocks, cur = [], []
-        for m in model.features:
+        for m in seq:
             cur.append(m)
             if isinstance(m, nn.MaxPool2d):
                 blocks.append(nn.ModuleList(cur))
                 cur = []
         return blocks
-    raise ValueError(f"fine-tuning supports visual encoders vgg19 / resnet50, got {encoder!r}")
+
+    if encoder == "resnet50":
+        return [nn.ModuleList([model.conv1, model.bn1]), model.layer1, model.layer2, model.layer3, model.layer4]
+    if encoder == "vgg19":
+        return split_at_pools(model.features)
+    if encoder == "vggish":  # 4 conv blocks + the embedding MLP
+        return [*split_at_pools(model.features), model.embeddings]
+    if encoder == "cnn14":  # conv_block1..6 + fc1 (the embedding layer)
+        return [getattr(model, f"conv_block{i}") for i in range(1, 7)] + [model.fc1]
+    raise ValueError(f"fine-tuning supports {', '.join(VISUAL_ENCODERS + AUDIO_ENCODERS)}, got {encoder!r}")
 
 
 def set_trainable(model: nn.Module, encoder: str, trainable: str) -> list[str]:
@@ -186,28 +89,49 @@ def set_trainable(model: nn.Module, encoder: str, trainable: str) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-class ContrastiveModel(nn.Module):
-    """Visual trunk + projection heads to a shared, L2-normalised space."""
+def train_mode(model: nn.Module) -> None:
+    """eval() everywhere except the BatchNorms of trained blocks: frozen BatchNorm statistics
+    stay as in the weights, and model-level training switches stay off (Cnn14's dropout and
+    SpecAugment: training must see what extraction sees)."""
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in m.parameters()):
+            m.train()
 
-    def __init__(self, trunk: nn.Module, visual_dim: int, audio_dim: int, proj_dim: int):
+
+def video_mean(per_item: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """(sum counts, C) -> (len(counts), C): mean over each video's own ``counts[i]`` rows."""
+    if len(set(counts)) == 1:
+        return per_item.view(len(counts), -1, per_item.shape[-1]).mean(1)
+    # videos of different length (UnAV)
+    return torch.stack([p.mean(0) for p in per_item.split(list(counts))])
+
+
+class ContrastiveModel(nn.Module):
+    """Visual and/or audio trunk + projection heads to a shared, L2-normalised space. A side
+    without a trunk takes its (frozen, precomputed) video vector as input."""
+
+    def __init__(self, trunk: nn.Module | None, visual_dim: int, audio_dim: int, proj_dim: int,
+                 audio_trunk: nn.Module | None = None):
         super().__init__()
-        self.trunk = trunk
+        self.trunk = trunk  # visual
+        self.audio_trunk = audio_trunk
         self.v_proj = nn.Linear(visual_dim, proj_dim)
         self.a_proj = nn.Linear(audio_dim, proj_dim)
 
     def visual(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Frames of several videos, ``counts[i]`` consecutive frames each -> (B, C)."""
         maps = self.trunk(x)  # (sum counts, 7, 7, C)
-        pooled = maps.mean(dim=(1, 2)) if maps.ndim == 4 else maps  # spatial pool
-        if len(set(counts)) == 1:
-            return pooled.view(len(counts), -1, pooled.shape[-1]).mean(1)
-        # videos of different length (UnAV): mean over each video's own frames
-        return torch.stack([p.mean(0) for p in pooled.split(list(counts))])
+        return video_mean(maps.mean(dim=(1, 2)) if maps.ndim == 4 else maps, counts)  # spatial pool
 
-    def forward(self, x, audio, counts):
-        v = F.normalize(self.v_proj(self.visual(x, counts)), dim=-1)
-        a = F.normalize(self.a_proj(audio), dim=-1)
-        return v, a
+    def audio(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """Preprocessed 1-s chunks of several videos, ``counts[i]`` each -> (B, D)."""
+        return video_mean(self.audio_trunk(x), counts)
+
+    def forward(self, v_in, a_in, counts):
+        v = self.visual(v_in, counts) if self.trunk is not None else v_in
+        a = self.audio(a_in, counts) if self.audio_trunk is not None else a_in
+        return F.normalize(self.v_proj(v), dim=-1), F.normalize(self.a_proj(a), dim=-1)
 
 
 def info_nce(v: torch.Tensor, a: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -217,35 +141,69 @@ def info_nce(v: torch.Tensor, a: torch.Tensor, temperature: float) -> torch.Tens
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
-def official_state_dict(encoder: str, trunk: nn.Module, base_weights: str, seed: int) -> dict[str, torch.Tensor]:
-    """Trunk weights plus the base weights' classifier / fc, in torchvision's key layout."""
-    import torchvision
+def official_state_dict(encoder: str, trunk: nn.Module, base_weights: str, seed: int) -> dict:
+    """The trunk's weights over every key of the base weights, in the encoder's official
+    layout: torchvision / torchvggish state dict, or PANNs ``{"model": state_dict}``."""
+    from avepipe.encoders.weights import as_tensor_dict, read_checkpoint, resolve_weights
 
-    state = {k: v.detach().cpu().clone() for k, v in trunk.state_dict().items()}
-    ctor = getattr(torchvision.models, encoder)
-    if Path(base_weights).is_file():
-        from avepipe.encoders.weights import as_tensor_dict, read_checkpoint
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in trunk.state_dict().items()}
+    r = resolve_weights(get_encoder(encoder), str(base_weights))
+    full: dict = {}
+    if r.kind == "file":
+        obj = read_checkpoint(r.path)
+        if encoder == "cnn14" and isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+            obj = obj["model"]
+        full = as_tensor_dict(obj, str(r.path))
+    elif encoder in VISUAL_ENCODERS:  # random base: the head of a seeded torchvision model (unused by extraction)
+        import torchvision
 
-        full = as_tensor_dict(read_checkpoint(base_weights), str(base_weights))
-    else:  # random base: the head of a seeded torchvision model (unused by extraction)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            full = ctor().state_dict()
+            full = getattr(torchvision.models, encoder)().state_dict()
     for k, v in full.items():
         state.setdefault(k, v)
-    return state
+    return {"model": state} if encoder == "cnn14" else state
 
 
 # --------------------------------------------------------------------------- loop
+def _encoders_of(side: str, encoder: str, audio_encoder: str | None) -> tuple[str | None, str | None]:
+    """(trained visual encoder, trained audio encoder) for ``side``; checks the names."""
+    if side not in SIDES:
+        raise ValueError(f"finetune.side = {side!r}: use one of {', '.join(SIDES)}")
+    if side == "audio":
+        if encoder not in AUDIO_ENCODERS:
+            raise ValueError(f"finetune side 'audio' trains an audio encoder ({', '.join(AUDIO_ENCODERS)}), got {encoder!r}")
+        return None, encoder
+    if encoder not in VISUAL_ENCODERS:
+        raise ValueError(f"finetune side {side!r} trains a visual encoder ({', '.join(VISUAL_ENCODERS)}), got {encoder!r}")
+    if side == "visual":
+        return encoder, None
+    if audio_encoder not in AUDIO_ENCODERS:
+        raise ValueError(f"finetune side 'both' needs audio_encoder in {AUDIO_ENCODERS}, got {audio_encoder!r}")
+    return encoder, audio_encoder
+
+
+def _load_trunk(encoder: str, weights: str, trainable: str):
+    spec = get_encoder(encoder)
+    # raw embeddings for VGGish: PCA + 8-bit quantisation has no useful gradient
+    opts = {"pooled": False} if spec.modality == "visual" else {}
+    loaded = spec.load(weights, device="cpu", **opts)
+    trunk = loaded.model.float()
+    names = set_trainable(trunk, encoder, trainable)
+    return spec, loaded, trunk, names
+
+
 def finetune(
     manifest: pd.DataFrame,
     decoded: Sequence[Path],
-    audio_store: Sequence[Path],
+    partner_store: Sequence[Path],
     encoder: str,
     out_dir: Path,
     *,
     base_weights: str = "random",
     side: str = "visual",
+    audio_encoder: str | None = None,
+    audio_base_weights: str = "random",
     temperature: float = 0.2,
     epochs: int = 50,
     lr: float = 1e-3,
@@ -261,11 +219,14 @@ def finetune(
     progress: bool = True,
     config: dict | None = None,
 ) -> dict:
-    """Fine-tune ``encoder`` and write weights.pth, log.jsonl, loss.png, provenance.json."""
-    if side != "visual":
-        # the audio side of CACE-Net's recipe is frozen; training it needs the raw-audio
-        # front ends inside the loop, which avepipe does not do yet
-        raise NotImplementedError(f"finetune.side = {side!r}: only 'visual' is implemented")
+    """Fine-tune the ``side``'s encoder(s); write the weights, log.jsonl, loss.png, provenance.json.
+
+    side visual: ``encoder`` is the visual encoder, ``partner_store`` the audio store; writes
+    weights.pth. side audio: ``encoder`` is the audio encoder, ``partner_store`` the visual
+    store; writes weights.pth. side both: ``encoder`` (visual) and ``audio_encoder`` train
+    together, no partner store; writes ``<encoder>.pth`` and ``<audio_encoder>.pth``.
+    """
+    v_enc, a_enc = _encoders_of(side, encoder, audio_encoder)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
@@ -274,13 +235,21 @@ def finetune(
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(dev.type == "cpu", warn_only=True)
 
-    spec = get_encoder(encoder)
-    loaded = spec.load(base_weights, device="cpu", pooled=False)
-    trunk = loaded.model.float()
-    names = set_trainable(trunk, encoder, trainable)
-    data = load_finetune_data(manifest, decoded, audio_store, include_val)
-    log.info("fine-tuning %s on %d videos (%d trainable tensors)", encoder, len(data), len(names))
-    model = ContrastiveModel(trunk, spec.feature_shape[-1], data.audio.shape[1], proj_dim).to(dev)
+    trained = {}  # encoder -> (spec, loaded, trunk, trainable names, base weights)
+    if v_enc:
+        trained[v_enc] = (*_load_trunk(v_enc, base_weights, trainable), base_weights)
+    if a_enc:
+        a_base = base_weights if side == "audio" else audio_base_weights
+        trained[a_enc] = (*_load_trunk(a_enc, a_base, trainable), a_base)
+    a_spec = trained[a_enc][0] if a_enc else None
+    data = load_finetune_data(manifest, decoded, partner_store, include_val, frames=v_enc is not None,
+                              audio_rate=a_spec.sample_rate if a_spec else None,
+                              partner={"visual": "audio", "audio": "visual", "both": None}[side])
+    log.info("fine-tuning %s on %d videos", " + ".join(trained), len(data))
+    v_dim = trained[v_enc][0].feature_shape[-1] if v_enc else data.visual.shape[1]
+    a_dim = a_spec.feature_shape[-1] if a_enc else data.audio.shape[1]
+    model = ContrastiveModel(trained[v_enc][2] if v_enc else None, v_dim, a_dim, proj_dim,
+                             audio_trunk=trained[a_enc][2] if a_enc else None).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -292,8 +261,8 @@ def finetune(
     start, history = 0, []
     if ckpt_path.exists():  # resume from the last finished epoch
         ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        if ck.get("data_ids") != data.video_ids:
-            raise ValueError(f"{ckpt_path}: checkpoint was trained on other videos; remove it to restart")
+        if ck.get("data_ids") != data.video_ids or ck.get("encoders", [encoder]) != list(trained):
+            raise ValueError(f"{ckpt_path}: checkpoint was trained on other videos or encoders; remove it to restart")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
@@ -305,92 +274,111 @@ def finetune(
         log.info("resuming fine-tuning at epoch %d", start)
 
     bs = min(batch_size, len(data))
-    pre = loaded.preprocess
-    K = data.frames.per_second
+    v_pre = trained[v_enc][1].preprocess if v_enc else None
+    a_pre = trained[a_enc][1].preprocess if a_enc else None
+    K = data.frames.per_second if v_enc else 0
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
-    def plan(idx: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def plan(idx: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         idx = idx.numpy()
         # one random frame of the K stored per second, independently for every second
-        pick = torch.randint(K, (int(data.n_segments[idx].sum()),), generator=gen).numpy()
+        pick = torch.randint(K, (int(data.n_segments[idx].sum()),), generator=gen).numpy() if v_enc else None
         return idx, pick
 
-    def fetch(idx: np.ndarray, pick: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(batch_frames(data, idx, pick))
-        return x.pin_memory() if dev.type == "cuda" else x
+    def fetch(idx: np.ndarray, pick: np.ndarray | None):
+        out = []
+        for arr in (batch_frames(data, idx, pick) if v_enc else None, batch_waves(data, idx) if a_enc else None):
+            x = torch.from_numpy(arr) if arr is not None else None
+            out.append(x.pin_memory() if x is not None and dev.type == "cuda" else x)
+        return out
 
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finetune-read")
     try:
         for epoch in range(start, epochs):
-            model.train()
-            # BatchNorm statistics stay frozen in frozen blocks (their running stats are part of the weights)
-            for m in model.trunk.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
-                    m.eval()
+            train_mode(model)
             order = torch.randperm(len(data), generator=gen)
             # drop the last incomplete batch: InfoNCE needs negatives
             batches = [plan(order[i:i + bs]) for i in range(0, len(order) - bs + 1, bs)] or [plan(order)]
-            t0, losses, n_frames = time.perf_counter(), [], 0
+            t0, losses, n_items = time.perf_counter(), [], 0
             # the next batch is read from the shards while this one trains
             pending = reader.submit(fetch, *batches[0])
             for j, (idx, pick) in enumerate(tqdm(batches, disable=not progress, desc=f"finetune {epoch + 1}/{epochs}")):
-                frames = pending.result()
+                frames, waves = pending.result()
                 if j + 1 < len(batches):
                     pending = reader.submit(fetch, *batches[j + 1])
-                x = pre(frames.to(dev, non_blocking=True))  # resize/normalise on the device
-                if dev.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                audio = torch.from_numpy(data.audio[idx]).to(dev)
+                if v_enc:
+                    v_in = v_pre(frames.to(dev, non_blocking=True))  # resize/normalise on the device
+                    if dev.type == "cuda":
+                        v_in = v_in.contiguous(memory_format=torch.channels_last)
+                else:
+                    v_in = torch.from_numpy(data.visual[idx]).to(dev)
+                # the extraction front end (log-mel patch / waveform), on the device
+                a_in = a_pre(waves.to(dev, non_blocking=True)) if a_enc else torch.from_numpy(data.audio[idx]).to(dev)
                 counts = [int(c) for c in data.n_segments[idx]]
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                    v, a = model(x, audio, counts)
+                    v, a = model(v_in, a_in, counts)
                 loss = info_nce(v.float(), a.float(), temperature)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 losses.append(loss.detach())
-                n_frames += x.shape[0]
+                n_items += sum(counts)
             losses = torch.stack(losses).float().cpu().numpy()  # one sync per epoch, not per step
             sched.step()
             dt = time.perf_counter() - t0
             if not np.isfinite(losses).all():
                 raise FloatingPointError(f"fine-tuning loss is not finite in epoch {epoch + 1}; lower finetune.lr")
+            # video-seconds per second: frames/s on the visual side, 1-s audio chunks/s on the audio side
             rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
-                   "steps": len(losses), "frames_per_s": n_frames / dt, "seconds": dt}
+                   "steps": len(losses), "seconds_per_s": n_items / dt, "seconds": dt}
+            if v_enc:
+                rec["frames_per_s"] = rec["seconds_per_s"]
             history.append(rec)
-            log.info("epoch %d loss %.4f (%.1f frames/s)", epoch + 1, rec["loss"], rec["frames_per_s"])
+            log.info("epoch %d loss %.4f (%.1f video-seconds/s)", epoch + 1, rec["loss"], rec["seconds_per_s"])
             tmp = ckpt_path.with_suffix(".pt.tmp")
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "rng": torch.get_rng_state(), "gen": gen.get_state(),
                         "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
-                        "epoch": epoch + 1, "history": history, "data_ids": data.video_ids}, tmp)
+                        "epoch": epoch + 1, "history": history, "data_ids": data.video_ids,
+                        "encoders": list(trained)}, tmp)
             tmp.replace(ckpt_path)  # a crash mid-save leaves the previous checkpoint whole
     finally:
         reader.shutdown(wait=True)
         torch.use_deterministic_algorithms(was_deterministic, warn_only=True)
 
-    state = official_state_dict(encoder, model.trunk, base_weights, seed)
-    weights_path = out_dir / "weights.pth"
-    torch.save(state, weights_path)
+    per_enc = {}
+    for name, (spec, loaded, trunk, names, base) in trained.items():
+        path = out_dir / ("weights.pth" if side != "both" else f"{name}.pth")
+        torch.save(official_state_dict(name, trunk, base, seed), path)
+        per_enc[name] = {"weights": str(path), "weights_sha256": sha256_file(path),
+                         "base_weights": loaded.weights_info, "trainable": names}
     (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-    plot_loss(history, out_dir / "loss.png", encoder)
+    plot_loss(history, out_dir / "loss.png", " + ".join(trained))
     ids_hash = hashlib.sha256("\n".join(sorted(data.video_ids)).encode()).hexdigest()
     # the effective settings, whatever the caller passed as config
     effective = {"encoder": encoder, "base_weights": str(base_weights), "side": side,
+                 "audio_encoder": a_enc if side == "both" else None,
+                 "audio_base_weights": str(audio_base_weights) if side == "both" else None,
                  "temperature": temperature, "epochs": epochs, "lr": lr, "momentum": momentum,
                  "weight_decay": weight_decay, "milestones": list(milestones), "batch_size": batch_size,
                  "proj_dim": proj_dim, "trainable": trainable, "include_val": include_val, "seed": seed,
-                 "device": str(dev), "frames_per_second_stored": K}
-    prov = provenance("finetune", {**(config or {}), **effective}, encoder=encoder, base_weights=loaded.weights_info,
-                      data_ids_sha256=ids_hash, n_videos=len(data), trainable=names,
-                      weights_sha256=sha256_file(weights_path))
+                 "device": str(dev), "frames_per_second_stored": K or None,
+                 "audio_front_end": trained[a_enc][1].options.get("preprocessing") if a_enc else None}
+    partner = None if side == "both" else {"modality": "audio" if side == "visual" else "visual",
+                                          "store": [str(p) for p in partner_store]}
+    extra = {}
+    if side != "both":  # one trained encoder: its record also at the top level
+        extra = {k: per_enc[encoder][k] for k in ("base_weights", "trainable", "weights_sha256")}
+    prov = provenance("finetune", {**(config or {}), **effective}, encoder=" + ".join(trained), side=side,
+                      encoders=per_enc, partner=partner, data_ids_sha256=ids_hash, n_videos=len(data), **extra)
     (out_dir / "provenance.json").write_text(json.dumps(prov, indent=2, default=str))
-    return {"history": history, "weights": str(weights_path), "provenance": prov}
+    return {"history": history, "weights": {k: v["weights"] for k, v in per_enc.items()}, "provenance": prov,
+            "model": model.cpu()}
 
 
-def plot_loss(history: list[dict], path: Path, encoder: str) -> None:
+def plot_loss(history: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -400,7 +388,7 @@ def plot_loss(history: list[dict], path: Path, encoder: str) -> None:
     ax.plot([h["epoch"] for h in history], [h["loss"] for h in history], marker="o")
     ax.set_xlabel("epoch")
     ax.set_ylabel("InfoNCE loss")
-    ax.set_title(f"{encoder} audio-visual fine-tuning")
+    ax.set_title(f"{title} audio-visual fine-tuning")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -410,8 +398,9 @@ def plot_loss(history: list[dict], path: Path, encoder: str) -> None:
 def finetune_from_cli(a) -> int:
     manifest = pd.read_parquet(a.manifest)
     cfg = {k: v for k, v in vars(a).items() if k not in ("fn",)}
-    finetune(manifest, [Path(p) for p in a.decoded], [Path(p) for p in a.audio_store], a.encoder,
-             Path(a.out_dir), base_weights=a.base_weights, side=a.side, temperature=a.temperature,
+    finetune(manifest, [Path(p) for p in a.decoded], [Path(p) for p in a.partner_store], a.encoder,
+             Path(a.out_dir), base_weights=a.base_weights, side=a.side, audio_encoder=a.audio_encoder,
+             audio_base_weights=a.audio_base_weights, temperature=a.temperature,
              epochs=a.epochs, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
              milestones=[int(m) for m in str(a.milestones).split(",") if m],
              batch_size=a.batch_size, proj_dim=a.proj_dim, trainable=a.trainable,

@@ -327,10 +327,14 @@ class BatchFeeder:
 def _make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     kind = cfg["optimizer"].lower()
     lr, wd = float(cfg["lr"]), float(cfg.get("weight_decay") or 0.0)
+    params = list(params)
+    # fused: one kernel per parameter instead of ~10 (same update, to float rounding); the
+    # per-op loop costs CACE-Net's 154 tensors ~4x the fused step on a 2-core CPU
+    fused = {"fused": True} if params and all(p.device.type in ("cpu", "cuda") for p in params) else {}
     if kind == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, **fused)
     if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, **fused)
     if kind == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(cfg.get("momentum", 0.9)))
     raise ValueError(f"unknown optimizer {kind!r} (adam | adamw | sgd)")
@@ -392,6 +396,32 @@ def _json_default(o):
 
 def _nan_to_none(x: np.ndarray) -> list:
     return [None if not np.isfinite(v) else float(v) for v in np.asarray(x, float)]
+
+
+@contextlib.contextmanager
+def _reuse_freed_memory():
+    """glibc only: keep freed memory in the heap for the next step instead of unmapping it.
+
+    Why: each (B*T, 49, 512) activation is a fresh 64+ MB mmap that is unmapped when freed,
+    so every step page-faults all its activations in again; on CACE-Net that costs ~20% of
+    the step's CPU time (measured). No change to any result; restored (and trimmed) after.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):   # not glibc: nothing to tune
+        yield
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    mallopt(M_MMAP_MAX, 0)
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_MAX, 65536)               # glibc defaults
+        mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+        trim(0)
 
 
 @contextlib.contextmanager
@@ -486,7 +516,7 @@ def train_head(head_name: str, setting: str, data: AVEData, out_dir: str | Path,
     run_config = {"head": head_name, "setting": setting, "seed": int(seed), "select_on": select_on,
                   "train": cfg, "hparams": hparams, "amp": bool(amp), "data": data.summary()}
 
-    with _deterministic(dev.type == "cpu" or not amp):
+    with _deterministic(dev.type == "cpu" or not amp), _reuse_freed_memory():
         # ------------------------------------------------------------------ setup (seeded)
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)

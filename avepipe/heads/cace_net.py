@@ -49,6 +49,46 @@ BECE_AUGS = ("noise", "channel_mask", "mixup")
 GATE_LOSSES = ("prob", "reference")
 
 
+class _MaskScale(torch.autograd.Function):
+    """y = x * keep * scale with a bool ``keep`` (1 byte per element) saved for backward.
+
+    Same products as ``F.dropout``'s ``x * (mask / (1 - p))``, whose float mask costs 4 bytes
+    per element and an extra pass; on the (B*T, 49, 512) maps that is 64 MB per dropout.
+    """
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x.mul(keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None, None
+
+
+def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    # bernoulli_ draws the same stream whatever the dtype: bitwise the mask F.dropout draws
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout(x, p, training)`` with a bool mask (same random draws, same values)."""
+    if not training or p == 0:
+        return x
+    return _MaskScale.apply(x, _keep_mask(x, p), 1.0 / (1 - p))
+
+
+def _relu_dropout(h: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout(F.relu(h), p, training)`` in one masked pass: relu folded into the mask."""
+    if not training or p == 0:
+        return F.relu(h)
+    keep = _keep_mask(h, p)
+    keep &= h > 0  # NaN stays NaN (NaN * 0); negative entries give -0.0 instead of +0.0
+    return _MaskScale.apply(h, keep, 1.0 / (1 - p))
+
+
 def _self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     # The reference uses unscaled dot-product energies (no 1/sqrt(d)).
     return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
@@ -106,7 +146,8 @@ class CoGuidanceAttention(nn.Module):
         if self.n_sa:
             parts = self.v_qkv(x).split(self._split, dim=-1)  # views of one GEMM output
             # global spatial features v^g, one per guidance direction (N, P, dv)
-            g = [self.v_norm(x + self.drop(_self_attention(*parts[3 * i:3 * i + 3])))
+            g = [self.v_norm(x + _dropout(_self_attention(*parts[3 * i:3 * i + 3]), self.drop.p,
+                                          self.training))
                  for i in range(self.n_sa)]
 
         if self.a2v:
@@ -340,7 +381,7 @@ class CACENet(nn.Module):
     def forward(self, visual: torch.Tensor, audio: torch.Tensor) -> dict:
         B, T = audio.shape[:2]
         x = visual.reshape(B * T, -1, visual.shape[-1])  # (N, P, C); pooled input -> P = 1
-        x = self.v_drop(F.relu(self.v_fc(x)))
+        x = _relu_dropout(self.v_fc(x), self.v_drop.p, self.training)  # = v_drop(relu(v_fc(x)))
         v, a = self.avca(x, audio)  # eq. 1-6 -> (B,T,dv), (B,T,da)
         a, v = self._temporal(a, v)  # (B,T,d), (B,T,2d)
 

@@ -34,6 +34,8 @@ class _Attention(nn.Module):
     """Multi-head attention with nn.MultiheadAttention's parameter layout (packed in-proj),
     batch-first, on fused scaled_dot_product_attention (no attention-weight tensors kept)."""
 
+    one_query_shortcut = True  # see _one_query; False: the generic path (tests compare them)
+
     def __init__(self, d, heads, dropout):
         super().__init__()
         self.d, self.h, self.p = d, heads, dropout
@@ -42,6 +44,8 @@ class _Attention(nn.Module):
 
     def forward(self, x, mem=None, key_mask=None):
         n, lq, d = x.shape
+        if mem is not None and lq == 1 and key_mask is None and self.one_query_shortcut:
+            return self._one_query(x, mem)
         if mem is None:
             q, k, v = self.in_proj(x).chunk(3, -1)
         else:
@@ -53,6 +57,25 @@ class _Attention(nn.Module):
         o = F.scaled_dot_product_attention(sh(q), sh(k), sh(v), attn_mask=mask,
                                            dropout_p=self.p if self.training else 0.0)
         return self.out_proj(o.transpose(1, 2).reshape(n, lq, d))
+
+    def _one_query(self, x, mem):
+        """Cross-attention of ONE query token over ``mem`` (the spatial decoder: one audio token
+        over the h*w visual tokens), without projecting the L memory tokens to keys/values.
+        Same function as ``forward``'s generic path (to float rounding; a test checks it):
+          score_j = q_h.(W_k,h m_j + b_k,h) = (W_k,h^T q_h).m_j + const   (softmax drops const)
+          out_h   = sum_j p_j (W_v,h m_j + b_v,h) = W_v,h (sum_j p_j m_j) + b_v,h sum_j p_j
+        (sum_j p_j is 1 up to attention dropout). Saves 2 x L x d x d multiply-adds per query."""
+        n, _, d = x.shape
+        h, e = self.h, d // self.h
+        w, b = self.in_proj.weight, self.in_proj.bias
+        q = F.linear(x[:, 0], w[:d], b[:d]).reshape(n, h, e).transpose(0, 1)       # (h,n,e)
+        qk = torch.bmm(q, w[d:2 * d].reshape(h, e, d)).transpose(0, 1)             # (n,h,d)
+        p = torch.bmm(qk, mem.transpose(1, 2)).mul_(1.0 / math.sqrt(e)).softmax(-1)  # (n,h,L)
+        p = F.dropout(p, self.p, self.training)
+        pooled = torch.bmm(p, mem).transpose(0, 1)                                 # (h,n,d)
+        o = torch.bmm(pooled, w[2 * d:].reshape(h, e, d).transpose(1, 2)).transpose(0, 1)  # (n,h,e)
+        o = o + b[2 * d:].reshape(h, e) * p.sum(-1, keepdim=True)
+        return self.out_proj(o.reshape(n, 1, d))
 
 
 class _Block(nn.Module):
@@ -131,13 +154,15 @@ class EventMemory(nn.Module):
     identity path), ``jsd_update`` (False: random event-related segment), ``bank_consistency``
     (False: store fused features directly, detached), ``branch`` ("eadb" | "double" |
     "single"). ``class_branch="prototype+classifier"`` is the reference weak-code inference.
+    ``prototype_loss``: "video" (reference code: one eq. 6 distribution per video from the
+    segment-mean distance, as eq. 20) or "segment" (eq. 6-7 as printed, every segment).
     """
 
     settings = ("full", "weak")
 
     def __init__(self, visual_shape, audio_dim, setting="full", num_classes=28, *,
                  hidden=256, heads=4, ffn=1024, n_layers=1, dropout=0.1, bank_size=16,
-                 margin=None, tau=1.0, lambdas=(1.0, 1.0, 0.01, 0.1, 0.1),
+                 margin=None, tau=0.1, lambdas=(1.0, 1.0, 0.01, 0.1, 0.1), prototype_loss="video",
                  use_audio=True, use_visual=True, use_transformer=True, spatial_fusion=True,
                  temporal_fusion=True, jsd_update=True, bank_consistency=True,
                  branch="eadb", class_branch="prototype"):
@@ -148,6 +173,8 @@ class EventMemory(nn.Module):
             raise ValueError(f"branch {branch!r}")
         if class_branch not in ("prototype", "prototype+classifier"):
             raise ValueError(f"class_branch {class_branch!r}")
+        if prototype_loss not in ("video", "segment"):
+            raise ValueError(f"prototype_loss {prototype_loss!r} not in ('video', 'segment')")
         if branch == "single" and setting != "full":
             raise ValueError("branch='single' needs segment labels (full setting)")
         if not (use_audio or use_visual):
@@ -159,7 +186,10 @@ class EventMemory(nn.Module):
         self.n_tok, vdim = (visual_shape[0] * visual_shape[1] if len(visual_shape) == 3 else 1), visual_shape[-1]
         self.setting, self.N, self.D = setting, num_classes, hidden
         self.margin = float(margin if margin is not None else (0.7 if setting == "full" else 0.9))
+        # tau 0.1 and a video-level L_p are what the reference code trains with (it scores
+        # -mean_t dist(f_t, c_n) / 0.1, the eq. 20 distance); "segment" is eq. 6-7 as printed.
         self.tau, self.lambdas = float(tau), tuple(float(x) for x in lambdas)
+        self.prototype_loss = prototype_loss
         self.use_audio, self.use_visual = use_audio, use_visual
         self.spatial_fusion, self.temporal_fusion = spatial_fusion, temporal_fusion
         self.jsd_update, self.bank_consistency = jsd_update, bank_consistency
@@ -357,12 +387,16 @@ class EventMemory(nn.Module):
 
     # ------------------------------------------------------------------ metric learning
     def _metric(self, feats, bank, labels):
-        """eq. 5-6 prototype log-probs (B,T,C) and distances to the label's bank (B,T,n)."""
+        """eq. 5-6 prototype log-probs ((B,1,C) video-level or (B,T,C)) and distances to the
+        label's bank (B,T,n)."""
         filled = self.bank_filled
         w = filled.float()
         has = filled.any(1)
         proto = (bank.float() * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)  # eq. 5
-        logits = (-_dist(feats, proto) / self.tau).masked_fill(~has, _NEG)  # eq. 6
+        pd = _dist(feats, proto)
+        if self.prototype_loss == "video":
+            pd = pd.mean(1, keepdim=True)
+        logits = (-pd / self.tau).masked_fill(~has, _NEG)  # eq. 6
         d = _dist(feats, bank[labels].float())
         return logits.log_softmax(-1), d, filled[labels][:, None, :]
 
@@ -416,16 +450,24 @@ class EventMemory(nn.Module):
         l_u = (l_u * umc_w).sum() / (nv * T)
         # eq. 5-7 prototype loss over all segments
         logp, d, fm = self._metric(feats, bank, labels)
-        nll = -logp.gather(-1, labels[:, None, None].expand(B, T, 1)).squeeze(-1)
+        nll = -logp.gather(-1, labels[:, None, None].expand(B, logp.shape[1], 1)).squeeze(-1)
         ok = (valid & self.bank_filled.any(1)[labels])[:, None]
-        l_p = torch.where(ok, nll, torch.zeros_like(nll)).sum() / (nv * T)
+        l_p = torch.where(ok, nll, torch.zeros_like(nll)).sum() / (nv * nll.shape[1])
         # eq. 8 / 18 event-aware localisation alignment (distances to own class's bank);
         # empty slots are masked to values that contribute nothing (distances are >= 0)
         dmax = d.masked_fill(~fm, 0.0).amax(-1)
         dmin = d.masked_fill(~fm, self.margin).amin(-1)
-        w = yr if self.setting == "full" else rel.sigmoid()
-        l_c = w * dmax + (1 - w) * F.relu(self.margin - dmin)
-        l_c = (l_c * vf[:, None]).sum() / (nv * T)
+        if self.setting == "full":
+            # reference: the event and the background terms are each averaged over their own
+            # segments of the video (eq. 8's 1/T would let a video's few background seconds,
+            # the ones eq. 20-21 must keep outside the margin, weigh little)
+            ev = (yr * dmax).sum(1) / yr.sum(1).clamp_min(1)
+            bg = ((1 - yr) * F.relu(self.margin - dmin)).sum(1) / (1 - yr).sum(1).clamp_min(1)
+            l_c = ((ev + bg) * vf).sum() / nv
+        else:  # eq. 18 with the relevance scores as soft labels, 1/T as the reference
+            w = rel.sigmoid()
+            l_c = w * dmax + (1 - w) * F.relu(self.margin - dmin)
+            l_c = (l_c * vf[:, None]).sum() / (nv * T)
         total = lam[0] * l_e + lam[1] * l_r + lam[2] * l_u + lam[3] * l_p + lam[4] * l_c  # eq. 14 / 19
         parts = {"loss_e": l_e, "loss_r": l_r, "loss_umc": l_u, "loss_p": l_p, "loss_c": l_c}
         if self.segment_classifier is not None and self.setting == "full":

@@ -305,3 +305,100 @@ def test_ablations_remove_modules():
     assert n_params(EventMemory((7, 7, 512), 128, spatial_fusion=False)) < full
     m = EventMemory((2, 2, 8), 6, num_classes=3, bank_consistency=False, **TINY)
     assert "bank_feats" in m.state_dict() and "bank_visual" not in m.state_dict()
+
+
+# --------------------------------------------------------------------------- exact shortcuts
+def _naive_attention(att, x, mem, drop):
+    """Textbook multi-head cross-attention with att's weights: every memory token projected to
+    a key and a value (what _Attention._one_query avoids)."""
+    n, lq, d = x.shape
+    h, e = att.h, d // att.h
+    w, b = att.in_proj.weight, att.in_proj.bias
+    split = lambda t: t.reshape(n, -1, h, e).transpose(1, 2)  # noqa: E731
+    q, k, v = (split(torch.nn.functional.linear(t, w[i * d:(i + 1) * d], b[i * d:(i + 1) * d]))
+               for i, t in enumerate((x, mem, mem)))
+    p = torch.nn.functional.dropout((q @ k.transpose(-1, -2) / math.sqrt(e)).softmax(-1), att.p, drop)
+    return att.out_proj((p @ v).transpose(1, 2).reshape(n, lq, d))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_one_query_cross_attention_equals_projected_keys_values(training):
+    """The spatial decoder's one-query shortcut (keys folded into the query, values projected
+    after pooling) is the same function, gradients included; in training with the same
+    attention-dropout mask (same RNG draw)."""
+    from avepipe.heads.event_memory import _Attention
+    torch.manual_seed(0)
+    att = _Attention(16, 4, 0.3).train(training)
+    with torch.no_grad():
+        att.in_proj.bias.normal_()  # non-zero key/value biases: the folded terms must be right
+    x = torch.randn(6, 1, 16, requires_grad=True)
+    mem = torch.randn(6, 9, 16, requires_grad=True)
+    torch.manual_seed(1)
+    fast = att(x, mem)
+    torch.manual_seed(1)
+    ref = _naive_attention(att, x, mem, training)
+    assert torch.allclose(fast, ref, atol=1e-5)
+    gf = torch.autograd.grad(fast.square().sum(), [x, mem, att.in_proj.weight, att.in_proj.bias])
+    gr = torch.autograd.grad(ref.square().sum(), [x, mem, att.in_proj.weight, att.in_proj.bias])
+    for a, b in zip(gf, gr):
+        assert torch.allclose(a, b, atol=1e-4)
+    # against torch's own module too (eval: no dropout)
+    if not training:
+        mha = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+        with torch.no_grad():
+            mha.in_proj_weight.copy_(att.in_proj.weight), mha.in_proj_bias.copy_(att.in_proj.bias)
+            mha.out_proj.weight.copy_(att.out_proj.weight), mha.out_proj.bias.copy_(att.out_proj.bias)
+        assert torch.allclose(fast, mha(x, mem, mem, need_weights=False)[0], atol=1e-5)
+
+
+def test_model_forward_and_loss_same_with_and_without_shortcuts(monkeypatch):
+    """Whole model (eval: deterministic): fused features, logits and the loss (bank re-encoded)
+    equal those of the generic attention path."""
+    from avepipe.heads import event_memory as em
+    torch.manual_seed(0)
+    batch, _ = make_batch(B=5)
+    m = EventMemory((2, 2, 8), 6, num_classes=3, bank_size=2, **TINY)
+    m.train()
+    m.loss(m(batch["visual"], batch["audio"]), batch)  # fill the bank
+    m.eval()
+    fast = m(batch["visual"], batch["audio"])
+    lf, pf = m.loss(fast, batch)
+    monkeypatch.setattr(em._Attention, "one_query_shortcut", False)
+    m._cache = None
+    slow = m(batch["visual"], batch["audio"])
+    ls, ps = m.loss(slow, batch)
+    for k in ("feats", "event_logits", "relevance_logits", "audio_logits", "visual_logits", "bank_feats"):
+        assert torch.allclose(fast[k], slow[k], atol=1e-5), k
+    assert torch.allclose(lf, ls, atol=1e-5)
+
+
+def test_prototype_and_localization_losses_match_reference_formulas():
+    """L_p (reference code: CE over -mean_t dist(f_t, c_n)/tau per video) and the full-setting
+    L_c (event / background terms each averaged over their own segments of the video), both
+    recomputed independently with torch.cdist from the model's features and bank."""
+    torch.manual_seed(0)
+    batch, cls = make_batch(B=6)
+    m = EventMemory((2, 2, 8), 6, num_classes=3, bank_size=2, **TINY)
+    m.train()
+    m.loss(m(batch["visual"], batch["audio"]), batch)
+    m.eval()
+    with torch.no_grad():
+        out = m(batch["visual"], batch["audio"])
+        _, parts = m.loss(out, batch)
+    f, bank = out["feats"], out["bank_feats"]
+    assert m.bank_filled.all()  # two videos per class fill banks of 2: plain means / min / max
+    dist = lambda x, y: torch.cdist(x, y) / math.sqrt(x.shape[-1])  # noqa: E731
+    proto = bank.mean(1)
+    lp = torch.nn.functional.cross_entropy(-dist(f, proto).mean(1) / 0.1, cls)
+    assert parts["loss_p"] == pytest.approx(float(lp), rel=1e-4)
+    y = batch["event_mask"]
+    d = dist(f, bank[cls])
+    ev = (y * d.amax(-1)).sum(1) / y.sum(1)
+    bg = ((1 - y) * torch.relu(0.7 - d.amin(-1))).sum(1) / (1 - y).sum(1)
+    assert parts["loss_c"] == pytest.approx(float((ev + bg).mean()), rel=1e-4)
+    # eq. 6-7 as printed: one distribution per segment
+    m.prototype_loss = "segment"
+    with torch.no_grad():
+        _, parts = m.loss(out, batch)
+    seg = torch.nn.functional.cross_entropy((-dist(f, proto) / 0.1).reshape(-1, 3), cls.repeat_interleave(10))
+    assert parts["loss_p"] == pytest.approx(float(seg), rel=1e-4)

@@ -120,9 +120,16 @@ def decoded_shards(w):
 
 # --- extract.smk ----------------------------------------------------------------------------
 def extract_weights(w):
-    if w.enc.endswith("_ft"):
-        return f"results/{w.run}/finetune/{w.enc.removesuffix('_ft')}/weights.pth"
-    return []
+    """`<enc>_ft`: the fine-tuned weights of `enc` (finetune/<enc>/weights.pth, or with side
+    both finetune/<visual>+<audio>/<enc>.pth); base encoders: none (their weights are a param)."""
+    if not w.enc.endswith("_ft"):
+        return []
+    base, ft = w.enc.removesuffix("_ft"), C(w)["finetune"]
+    if base not in apcfg.trained_encoders(C(w)):  # validated configs never get here
+        raise ValueError(f"{w.enc}: finetune.side = {ft['side']!r} does not train {base}")
+    if ft["side"] == "both":
+        return f"results/{w.run}/finetune/{ft['encoder']}+{ft['audio']}/{base}.pth"
+    return f"results/{w.run}/finetune/{base}/weights.pth"
 
 
 def enc_opt(key):
@@ -150,6 +157,16 @@ def encoder_shards(w, enc=None):
 # --- finetune.smk ---------------------------------------------------------------------------
 def ft_opt(key):
     return lambda w: C(w)["finetune"][key]
+
+
+def ft_partner(w):
+    """Rule `finetune`: the frozen partner's store (side visual: the audio encoder's, side
+    audio: the visual encoder's); `{enc}` must be the encoder the side trains."""
+    ft = C(w)["finetune"]
+    if ft["side"] not in ("visual", "audio") or w.enc != ft[{"visual": "encoder", "audio": "audio"}[ft["side"]]]:
+        raise ValueError(f"finetune/{w.enc}: finetune.side = {ft['side']!r} with encoder {ft.get('encoder')!r}, "
+                         f"audio {ft.get('audio')!r} does not train {w.enc} alone")
+    return encoder_shards(w, ft["audio"] if ft["side"] == "visual" else ft["encoder"])
 
 
 # --- heads.smk ------------------------------------------------------------------------------
