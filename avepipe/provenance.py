@@ -32,7 +32,7 @@ STAGE_MODULES: dict[str, list[str]] = {
     "extract:cnn14": [*_EXTRACT_FILES, "encoders/cnn14.py"],
     "import_h5": ["interop.py", "store.py", "provenance.py"],
     "export_h5": ["interop.py", "store.py", "datasets/labels.py"],
-    "finetune": ["finetune.py", "devices.py", *_ENCODER_FILES],
+    "finetune": ["finetune.py", "finetune_data.py", "extract.py", "store.py", "devices.py", *_ENCODER_FILES],
     "train": ["train.py", "store.py", "devices.py", "datasets/labels.py"],
     "evaluate": ["metrics.py", "train.py"],
     "unav": ["datasets/unav100.py", "heads/dense.py", "metrics.py", "train.py"],

@@ -15,7 +15,7 @@ import pytest
 from .test_reruns import REPO, SNAKEMAKE, snakemake, tiny_run
 
 RULES_CALLING_AVEPIPE = {"synth", "index", "decode", "decode_report", "extract", "store_summary",
-                         "finetune", "train", "summary"}
+                         "finetune", "finetune_both", "train", "summary"}
 
 
 def test_lint_is_clean():
@@ -111,7 +111,7 @@ def test_conda_deployment_runs_avepipe_from_the_env_python(tmp_path):
     for rule, env in p["envs"].items():
         env_file = (Path(p["basedirs"][rule]) / env).resolve()
         assert env_file.is_file(), (rule, env)
-        gpu = rule in {"extract", "finetune", "train"}
+        gpu = rule in {"extract", "finetune", "finetune_both", "train"}
         assert env_file == REPO / "envs" / ("cuda.yaml" if gpu else "cpu.yaml"), (rule, env_file)
     # the env's `python` (here a stand-in first on PATH) runs this checkout
     (tmp_path / "bin").mkdir()
