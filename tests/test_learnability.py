@@ -37,12 +37,16 @@ RUNS = {
     "avel": dict(epochs=20, batch_size=16),
     "cace_net": dict(epochs=12, batch_size=16),
     "ccln": dict(epochs=20, batch_size=16, lam=1.0, eta=0.1),
-    "event_memory": dict(epochs=20, batch_size=16, lr=1e-3, lambdas=(1.0, 1.0, 0.01, 0.1, 1.0)),
+    # Ge et al.: eq. 14 trade-off weights lambda_3 (L_umc) 0.01 -> 1 and lambda_5 (L_c) 0.1 -> 1.
+    # Its visual embedding is small on these features next to the unit-amplitude positions
+    # added before E_s^v, so the fused features are audio-dominated at first and "sound only"
+    # seconds sit inside the bank margin that eq. 20-21 decide background by; L_umc is the
+    # term that teaches the visual path the picture classes directly (lambda_3 0.01: 0.84 at
+    # 60 epochs; 1: 0.92 at 30, 0.93 / 0.91 at 40 on data seeds 0 / 1 — measured). lr 1e-3
+    # for the 64-video budget (the paper trains 300 epochs of 26 batches).
+    "event_memory": dict(epochs=40, batch_size=16, lr=1e-3, lambdas=(1.0, 1.0, 1.0, 0.1, 1.0)),
 }
-# Known shortfall (issue "AVE localization heads"): Ge et al.'s EADB rule calls a segment an
-# event when its distance to the class's memory bank is below the margin (0.7); background
-# seconds of an event video stay inside the margin in this budget (test ~0.6-0.73).
-KNOWN_SHORT = {"event_memory"}
+KNOWN_SHORT: set[str] = set()   # heads allowed to fall short (xfail); none at present
 
 
 def synthetic_ave_features(n_per_split=(64, 16, 32), seed=0, noise=0.6, event_len=(2, 6)):
@@ -118,7 +122,7 @@ def test_features_need_both_modalities():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("head", [pytest.param(h, marks=pytest.mark.xfail(
-    reason="EADB margin rule leaves background inside the bank margin (see KNOWN_SHORT)",
+    reason="known shortfall (see KNOWN_SHORT)",
     strict=False)) if h in KNOWN_SHORT else h for h in FUSED])
 def test_fused_head_learns_event_rule(head, accuracy):
     acc = accuracy(head)
