@@ -10,6 +10,11 @@ Printed beside the reference anchors (REFERENCE §3, 2-core CPU, random features
     python benchmarks/train.py                          # all heads, 3339 videos (slow)
     python benchmarks/train.py --heads avel --videos 128 --eval-videos 32
 
+"x ref" columns: epoch time extrapolated to 3339 videos / the reference's, and peak minus
+data / the reference's peak (goal: <= 0.5 at <= 1). On a shared CPU (the printed 1-min load
+above the core count) wall times are inflated: compare runs taken side by side.
+``--reuse-memory`` trains with ``reuse_freed_memory=True`` (fewer page faults, higher peak).
+
 "peak" is the process's max RSS; "peak-data" subtracts the RSS measured right after
 the synthetic features were built, i.e. what training itself adds (the reference
 numbers did not hold the dataset in memory).
@@ -31,6 +36,8 @@ ANCHORS = {
     "cace_net": "CACE-Net ref: 168 s/epoch f32 (441 s f64), peak 2.3 GB f32 / 3.7 GB f64",
     "event_memory": "Ge et al. ref: 205 s/epoch, peak 4.4 GB",
 }
+# (epoch seconds, peak GB) of each reference at 3339 videos; goal: time ratio <= 0.5 at peak ratio <= 1
+ANCHOR_NUMBERS = {"cace_net": (168.0, 2.3), "event_memory": (205.0, 4.4)}
 
 
 def _rss_bytes() -> int:
@@ -67,6 +74,7 @@ def child(args) -> dict:
         torch.set_num_threads(args.threads)
     from avepipe.train import train_head
 
+    load0 = os.getloadavg()[0]
     rss0 = _rss_bytes()
     t0 = time.perf_counter()
     data = _synthetic(args.videos, args.eval_videos, args.dtype)
@@ -75,7 +83,7 @@ def child(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         kw = {"batch_size": args.batch_size} if args.batch_size else {}
         train_head(args.child, args.setting, data, tmp, seed=0, epochs=args.epochs, select_on="last",
-                   progress=False, device=args.device, **kw)
+                   progress=False, device=args.device, reuse_freed_memory=args.reuse_memory, **kw)
         log = [json.loads(x) for x in Path(tmp, "log.jsonl").read_text().splitlines()]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     last = log[-1]
@@ -84,7 +92,8 @@ def child(args) -> dict:
             "data_share": last["data_share"], "eval_s": last["eval_s"], "build_s": build_s,
             "rss_start_gb": rss0 / 1e9, "rss_data_gb": rss_data / 1e9, "peak_gb": peak / 1e9,
             "peak_minus_data_gb": (peak - rss_data + rss0) / 1e9,
-            "epoch_s_per_3339": last["train_s"] * 3339 / args.videos}
+            "epoch_s_per_3339": last["train_s"] * 3339 / args.videos,
+            "loadavg_1min": [load0, os.getloadavg()[0]]}
 
 
 def main(argv=None) -> int:
@@ -97,8 +106,10 @@ def main(argv=None) -> int:
     p.add_argument("--setting", default="full")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                    help="in-memory feature dtype (the store default is float16)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (the anchors used 2)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--reuse-memory", action="store_true",
+                   help="train_head(reuse_freed_memory=True): fewer page faults, higher peak RSS")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -118,6 +129,8 @@ def main(argv=None) -> int:
         for flag, val in (("--batch-size", args.batch_size), ("--threads", args.threads)):
             if val:
                 cmd += [flag, str(val)]
+        if args.reuse_memory:
+            cmd.append("--reuse-memory")
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -127,17 +140,33 @@ def main(argv=None) -> int:
             continue
         results.append(json.loads(line[-1][len("RESULT "):]))
 
+    extrap = args.videos != 3339
     print(f"\n{args.videos} training videos, {args.eval_videos} val/test each, {args.dtype}, "
-          f"setting {args.setting}, device {args.device}")
-    hdr = f"{'head':<14}{'epoch s':>9}{'s/3339':>9}{'data %':>8}{'eval s':>8}{'peak GB':>9}{'-data GB':>9}  reference"
+          f"setting {args.setting}, device {args.device}, {args.threads} threads, "
+          f"reuse_freed_memory={args.reuse_memory}")
+    if extrap:
+        print(f"s/3339 and x ref are EXTRAPOLATED linearly from {args.videos} to 3339 training videos")
+    hdr = (f"{'head':<14}{'epoch s':>9}{'s/3339':>9}{'x ref':>7}{'data %':>8}{'eval s':>8}{'peak GB':>9}"
+           f"{'-data GB':>9}{'x ref':>7}{'load':>11}  reference")
     print(hdr)
     print("-" * len(hdr))
     for r in results:
         if "error" in r:
             print(f"{r['head']:<14}  failed")
             continue
-        print(f"{r['head']:<14}{r['epoch_s']:>9.2f}{r['epoch_s_per_3339']:>9.1f}{100 * r['data_share']:>8.2f}"
-              f"{r['eval_s']:>8.2f}{r['peak_gb']:>9.2f}{r['peak_minus_data_gb']:>9.2f}  {ANCHORS.get(r['head'], '')}")
+        ref_s, ref_gb = ANCHOR_NUMBERS.get(r["head"], (None, None))
+        # the reference figures exclude the dataset, so the peak ratio uses peak minus data
+        r["time_ratio_to_ref"] = r["epoch_s_per_3339"] / ref_s if ref_s else None
+        r["peak_ratio_to_ref"] = r["peak_minus_data_gb"] / ref_gb if ref_gb else None
+        tr = f"{r['time_ratio_to_ref']:>7.2f}" if ref_s else f"{'-':>7}"
+        pr = f"{r['peak_ratio_to_ref']:>7.2f}" if ref_gb else f"{'-':>7}"
+        load = "{:.1f}->{:.1f}".format(*r["loadavg_1min"])
+        print(f"{r['head']:<14}{r['epoch_s']:>9.2f}{r['epoch_s_per_3339']:>9.1f}{tr}{100 * r['data_share']:>8.2f}"
+              f"{r['eval_s']:>8.2f}{r['peak_gb']:>9.2f}{r['peak_minus_data_gb']:>9.2f}{pr}{load:>11}  "
+              f"{ANCHORS.get(r['head'], '')}")
+    print("x ref: epoch time (s/3339) / the reference's, and peak minus data / the reference's peak "
+          "(goal <= 0.5 and <= 1). load: 1-min load average at start -> end of the child; "
+          f"above {os.cpu_count()} the CPU was shared and times are inflated.")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0 if all("error" not in r for r in results) else 1

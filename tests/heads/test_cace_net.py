@@ -258,3 +258,57 @@ def test_loss_decreases_on_learnable_problem():
         losses.append(loss.item())
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+# ---------------------------------------------------------------- speed-ups keep the arithmetic
+@pytest.mark.parametrize("relu", [False, True])
+def test_bool_mask_dropout_equals_f_dropout(relu):
+    """_dropout / _relu_dropout draw the same mask as F.dropout and give the same values and
+    gradients (train mode), and are plain identity / relu in eval mode."""
+    from avepipe.heads import cace_net as cn
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(6, 49, 32, generator=g)
+    up = torch.randn(6, 49, 32, generator=g)
+    fast = cn._relu_dropout if relu else cn._dropout
+    plain = (lambda t, p, tr: F.dropout(F.relu(t), p, tr)) if relu else F.dropout
+    res = []
+    for fn in (fast, plain):
+        x = h.clone().requires_grad_()
+        torch.manual_seed(11)
+        y = fn(x, 0.2, True)
+        (y * up).sum().backward()
+        res.append((y.detach(), x.grad))
+    (y1, g1), (y2, g2) = res
+    assert 0.1 < (y2 == 0).float().mean() < 0.7  # dropout did drop something
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+    torch.testing.assert_close(fast(h, 0.2, False), plain(h, 0.2, False), rtol=0, atol=0)
+
+
+def test_training_step_equals_plain_dropout_model(monkeypatch):
+    """Whole model in train mode (dropout on): outputs, loss and every parameter gradient
+    equal those of the straightforward F.relu + F.dropout formulation, same seed."""
+    from avepipe.heads import cace_net as cn
+
+    batch = _batch(B=3)
+
+    def run():
+        torch.manual_seed(0)
+        model = CACENet((7, 7, 512), 128)
+        model.train()
+        torch.manual_seed(5)
+        out = model(batch["visual"], batch["audio"])
+        loss, _ = model.loss(out, batch, 100, 200)
+        loss.backward()
+        return out, loss, {n: p.grad for n, p in model.named_parameters()}
+
+    fast = run()
+    monkeypatch.setattr(cn, "_dropout", lambda x, p, tr: F.dropout(x, p, tr))
+    monkeypatch.setattr(cn, "_relu_dropout", lambda h, p, tr: F.dropout(F.relu(h), p, tr))
+    plain = run()
+    for k in fast[0]:
+        torch.testing.assert_close(fast[0][k], plain[0][k])
+    torch.testing.assert_close(fast[1], plain[1])
+    for n in fast[2]:
+        torch.testing.assert_close(fast[2][n], plain[2][n], msg=n)
