@@ -80,3 +80,20 @@ def test_config_error_stops_before_any_job(tmp_path):
     rc, out = dry_run("--configfile", str(cfg))
     assert rc != 0
     assert "decode.shards = 'many'" in out
+
+
+def test_list_and_string_hparams_reach_the_cli_intact():
+    # the demo's event_memory sets a list hparam; shell word-splitting must not break it
+    import shlex
+
+    from avepipe.cli import _kv
+
+    target = "results/demo/heads/event_memory/vgg19+vggish/full/seed0/metrics.json"
+    r = subprocess.run([*SNAKEMAKE, "-n", "-p", "--forceall", "--cores", "2", target], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cmd = next(line for line in r.stdout.splitlines() if "avepipe train" in line and "event_memory" in line)
+    words = shlex.split(cmd.split("avepipe train", 1)[1].split(">")[0])
+    hp = _kv([words[i + 1] for i, w in enumerate(words) if w == "--hparam"])
+    cfg = yaml.safe_load((REPO / "workflow/config/demo.yaml").read_text())
+    assert hp == cfg["heads"]["event_memory"]["hparams"] and isinstance(hp["lambdas"], list)

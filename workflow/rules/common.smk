@@ -1,5 +1,6 @@
 # Shared set-up: configuration (validated before any job), runs, targets, fingerprints,
 # the `avepipe` command the rules run, and the input/param functions of every rule file.
+import json
 import os
 import shlex
 import sys
@@ -179,6 +180,14 @@ def head_opt(key, default=None):
         return C(w)["heads"][w.head].get(key, default)
 
     return get
+
+
+def kv_flags(flag, mapping):
+    """`--flag key=value ...`, shell-quoted; lists / mappings as JSON (the CLI reads values as YAML)."""
+    def text(v):
+        return json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
+
+    return " ".join(f"{flag} {shlex.quote(f'{k}={text(v)}')}" for k, v in sorted(mapping.items()))
 
 
 def head_flag(key, flag):

@@ -22,11 +22,11 @@ rule train:
         epochs=head_flag("epochs", "--epochs"),
         batch=head_flag("batch_size", "--batch-size"),
         lr=head_flag("lr", "--lr"),
-        hparams=lambda w: " ".join(f"--hparam {k}={v}" for k, v in sorted(head_opt("hparams", {})(w).items())),
+        hparams=lambda w: kv_flags("--hparam", head_opt("hparams", {})(w)),
         select_on=lambda w: C(w)["train"]["select_on"],
         normalize=lambda w: C(w)["train"]["normalize"],
         device=lambda w: C(w)["train"]["device"],
-        evaluate=lambda w: " ".join(f"--eval {k}={v}" for k, v in sorted(C(w).get("evaluate", {}).items())),
+        evaluate=lambda w: kv_flags("--eval", C(w).get("evaluate", {})),
         out_dir=lambda w: f"results/{w.run}/heads/{w.head}/{w.features}/{w.setting}/seed{w.seed}",
         code=lambda w: fingerprint(f"heads:{w.head}"),
     threads: 1  # small heads: two jobs side by side beat one job on two threads
