@@ -126,6 +126,6 @@ def encoder_settings(cfg: dict, name: str) -> dict[str, Any]:
     """Encoder options with the stage defaults filled (plain values, for Snakemake params)."""
     base = name.removesuffix("_ft")
     opts = {"weights": "random", "frames_per_segment": 16, "batch_size": 16, "num_workers": 1,
-            "dtype": "float16" if base in VISUAL_ENCODERS else "float32"}
+            "threads": 2, "dtype": "float16" if base in VISUAL_ENCODERS else "float32"}
     opts.update(cfg.get("encoders", {}).get(base, {}))
     return opts

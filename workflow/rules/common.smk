@@ -133,6 +133,15 @@ def extract_weights(w):
     return f"results/{w.run}/finetune/{base}/weights.pth"
 
 
+def extract_priority(w):
+    """10 for the stores on the fine-tuning path (its frozen partner, the `_ft` re-extraction), else 0."""
+    ft = C(w).get("finetune", {})
+    if not ft.get("enabled"):
+        return 0
+    partner = {"visual": ft.get("audio"), "audio": ft.get("encoder")}.get(ft.get("side", "visual"))
+    return 10 if w.enc.endswith("_ft") or w.enc == partner else 0
+
+
 def enc_opt(key):
     return lambda w: apcfg.encoder_settings(C(w), w.enc).get(key, "")
 

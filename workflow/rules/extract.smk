@@ -19,7 +19,10 @@ rule extract:
         options=encoder_options,
         windows=window_arg,
         code=lambda w: fingerprint(f"extract:{w.enc.removesuffix('_ft')}"),
-    threads: 2
+    threads: enc_opt("threads")
+    # the fine-tuning chain (its partner store, then the `_ft` re-extraction) is the longest
+    # path of a run: start it first so heads and other encoders fill the remaining cores
+    priority: extract_priority
     resources:
         gpu=1,
         mem_mb=8000,

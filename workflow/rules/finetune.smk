@@ -41,6 +41,7 @@ rule finetune:
         out_dir=lambda w: f"results/{w.run}/finetune/{w.enc}",
         code=fingerprint("finetune"),
     threads: 2
+    priority: 20
     resources:
         gpu=1,
         mem_mb=16000,
@@ -102,6 +103,7 @@ rule finetune_both:
         out_dir=lambda w: f"results/{w.run}/finetune/{w.visual}+{w.audio}",
         code=fingerprint("finetune"),
     threads: 2
+    priority: 20
     resources:
         gpu=1,
         mem_mb=16000,
