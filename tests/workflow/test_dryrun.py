@@ -97,3 +97,17 @@ def test_list_and_string_hparams_reach_the_cli_intact():
     hp = _kv([words[i + 1] for i, w in enumerate(words) if w == "--hparam"])
     cfg = yaml.safe_load((REPO / "workflow/config/demo.yaml").read_text())
     assert hp == cfg["heads"]["event_memory"]["hparams"] and isinstance(hp["lambdas"], list)
+
+
+def test_demo_schedules_the_finetuning_path_first_with_one_thread_extraction():
+    r = subprocess.run([*SNAKEMAKE, "-n", "-F", "--cores", "2"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    jobs = [b for b in re.split(r"\n(?=(?:local)?rule \w+:)", r.stdout) if re.match(r"(?:local)?rule \w+:", b)]
+    prio = {re.search(r"wildcards: (.*)", b).group(1): int(re.search(r"priority: (\d+)", b).group(1))
+            for b in jobs if "priority:" in b}
+    # demo: side visual with cnn14 as the frozen partner -> cnn14 stores and the resnet50_ft re-extraction
+    assert sorted(prio.values()) == [10, 10, 10, 10, 20]
+    assert all("enc=cnn14" in w or "enc=resnet50_ft" in w for w, p in prio.items() if p == 10)
+    extract = [b for b in jobs if b.startswith("rule extract:")]
+    assert extract and not any("threads:" in b for b in extract)  # 1 thread (snakemake prints only > 1)
