@@ -186,8 +186,10 @@ def test_slurm_profile_runs_pipeline_like_local(tmp_path):
     results = REPO / "results" / run
     local = tmp_path / "local"
     try:
+        # the profile's set-threads locally too: thread counts change float reduction order
+        threads = [f"{r}={n}" for r, n in prof["set-threads"].items()]
         t_local = _snakemake([*targets, "--profile", "workflow/profiles/local", "--cores", str(cpus),
-                              "--configfile", str(cfg_path)], tmp_path / "local.log")
+                              "--set-threads", *threads, "--configfile", str(cfg_path)], tmp_path / "local.log")
         shutil.move(str(results), local)
         t_slurm = _snakemake([*targets, "--profile", str(prof_dir), "--configfile", str(cfg_path)],
                              tmp_path / "slurm.log")
