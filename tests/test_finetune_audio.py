@@ -14,16 +14,14 @@ import hashlib
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import zarr
 
 from avepipe import finetune as ft
 from avepipe import finetune_data as ftd
-from avepipe.datasets.synthetic import Track, VideoSpec, write_video
-from avepipe.decode import collect_manifest, decode_shard
 from avepipe.encoders import get_encoder
+from finetune_cases import decoded_set
 from avepipe.encoders.vggish import LogMelPatch
 from avepipe.extract import audio_chunks, extract_shard
 from avepipe.store import open_features, write_feature_shard
@@ -32,8 +30,6 @@ torch.set_num_threads(1)
 
 N_SEG = 2
 RATES = [16000, 32000]
-# v0..v4 train, v5 val, v6 test, v7 in train AND test (AVE has such duplicate ids)
-SPLITS = ["train"] * 5 + ["val", "test", "train"]
 KW = dict(epochs=2, lr=1e-2, batch_size=4, trainable="last:1", milestones=(), progress=False,
           device="cpu", proj_dim=32)
 
@@ -49,21 +45,7 @@ def _colour_maps(frames: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("fta")
-    rows = []
-    for i, split in enumerate(SPLITS):
-        vid = f"vid{i:02d}xxxxx"
-        cls = i % 2
-        spec = VideoSpec(vid, float(N_SEG), fps=10.0, width=96, height=64, sample_rate=RATES[1], channels=1,
-                         tracks=[Track(cls, 0.0, float(N_SEG), "av")], seed=200 + i)
-        path = write_video(root / "AVE" / f"{vid}.mp4", spec)
-        rows.append(dict(sample=len(rows), video_id=vid, split=split, path=str(path), exists=True, shard=0,
-                         duration=float(N_SEG), label=cls))
-    rows.append(dict(rows[7], sample=len(rows), split="test"))  # the duplicate: same video, test row
-    index = pd.DataFrame(rows)
-    shard = root / "decoded" / "shard-000.zarr"
-    decode_shard(index, shard, n_segments=N_SEG, audio_rates=RATES, sample_frames_per_segment=2, progress=False)
-    manifest = collect_manifest(index, [shard])
-    assert (manifest["status"] == "ok").all()
+    index, shard, manifest = decoded_set(root, N_SEG, RATES, seed=200)
     g = zarr.open_group(str(shard), mode="r")
     vids = [str(v) for v in g["video_id"][:]]
     maps = np.stack([_colour_maps(np.asarray(g["frames"][i])) for i in range(len(vids))])
