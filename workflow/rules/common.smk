@@ -147,11 +147,8 @@ def enc_opt(key):
 
 
 def encoder_options(w):
-    return " ".join(
-        f"--opt {k}={v}"
-        for k, v in sorted(apcfg.encoder_settings(C(w), w.enc).items())
-        if k in ("preprocessing", "pooled", "pca")
-    )
+    opts = apcfg.encoder_settings(C(w), w.enc)
+    return kv_flags("--opt", {k: v for k, v in opts.items() if k in ("preprocessing", "pooled", "pca")})
 
 
 def window_arg(w):
