@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -324,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--select-on", choices=["val", "test"], default="val")
     s.add_argument("--normalize", choices=["none", "standardize"], default="none",
                    help="z-score features with train-split statistics (demo: random weights)")
+    s.add_argument("--precision", choices=["float32", "bf16"], default="float32",
+                   help="bf16: autocast, ~2x faster on CPUs with AMX/AVX512-BF16 and on GPUs")
     s.add_argument("--device", default="auto")
     s.add_argument("--threads", type=int)
     s.add_argument("--visual", nargs="+", required=True)
@@ -340,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Large tensors on transparent huge pages (read by torch's CPU allocator at its first
+    # allocation, so before torch is imported): a fresh 64 MB activation then faults in 32
+    # pages instead of 16,384; elementwise passes over the heads' maps run ~1.5-2x faster.
+    # THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

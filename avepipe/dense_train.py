@@ -529,6 +529,9 @@ def standardize_dense(data: DenseData) -> None:
 def train_dense_from_cli(a) -> int:
     from avepipe.cli import _kv
 
+    if getattr(a, "precision", "float32") != "float32":
+        raise SystemExit(f"avepipe train: --precision {a.precision} is for the AVE heads; the dense "
+                         "UnAV-100 head trains in float32 (set train.precision: float32 for this run)")
     manifest = pd.read_parquet(a.manifest)
     data = load_dense_data(manifest, a.visual, a.audio_features)
     if getattr(a, "normalize", "none") == "standardize":

@@ -51,6 +51,29 @@ _HEAD_COMMON = ["heads/__init__.py", "train.py", "store.py", "devices.py"]
 _VERSION_PACKAGES = ("torch", "torchvision", "torchaudio", "av", "zarr", "numpy")
 
 
+def _head_modules(rel: str) -> list[str]:
+    """``rel`` and the sibling head modules it imports, transitively (``from . import x``,
+    ``from .x import``, ``from avepipe.heads.x import``): editing a shared piece such as
+    ``heads/dropout.py`` reruns exactly the heads that use it."""
+    import ast
+
+    out, todo = [], [rel]
+    while todo:
+        cur = todo.pop()
+        if cur in out or not (PACKAGE_DIR / cur).is_file():
+            continue
+        out.append(cur)
+        for node in ast.walk(ast.parse((PACKAGE_DIR / cur).read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            mod = node.module or ""
+            if node.level == 1 or mod.startswith("avepipe.heads"):
+                base = mod.removeprefix("avepipe.heads").lstrip(".")
+                names = [base] if base else [a.name for a in node.names]
+                todo += [f"heads/{n.split('.')[0]}.py" for n in names]
+    return out
+
+
 def stage_files(stage: str) -> list[str]:
     """Package-relative source files of ``stage``; raises ``KeyError`` for unknown stages."""
     if stage in STAGE_MODULES:
@@ -59,7 +82,7 @@ def stage_files(stage: str) -> list[str]:
         name = stage[len("heads:"):]
         if name == "dense":
             return [*_HEAD_COMMON, "heads/dense.py", "dense_train.py", "metrics.py"]
-        return [*_HEAD_COMMON, f"heads/{_HEAD_FILES.get(name, name)}.py"]
+        return [*_HEAD_COMMON, *_head_modules(f"heads/{_HEAD_FILES.get(name, name)}.py")]
     if stage.startswith("extract:") and stage.endswith("_ft"):
         # A fine-tuned encoder runs the same code as its base plus finetune.py.
         return [*stage_files(stage[: -len("_ft")]), "finetune.py"]

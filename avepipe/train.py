@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import random
@@ -36,6 +37,8 @@ from avepipe import metrics as M
 from avepipe.datasets.labels import BACKGROUND, NUM_CLASSES, ave_label_arrays
 from avepipe.devices import resolve_device
 from avepipe.heads import HEADS, build, train_defaults
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 SELECT_ON = ("val", "test", "last")
@@ -444,7 +447,7 @@ def _deterministic(enabled: bool):
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model, split: SplitData, setting: str, device, *, batch_size: int = 256,
-             amp: bool = False) -> dict:
+             precision: str = "float32") -> dict:
     """Predictions and scores of ``model`` on one split.
 
     full/weak: {"acc", "pred" (N,T), "target" (N,T)}; cml: {"acc" (= mean of A2V/V2A),
@@ -458,7 +461,7 @@ def evaluate(model, split: SplitData, setting: str, device, *, batch_size: int =
     for lo in range(0, n, batch_size):
         idx = torch.arange(lo, min(lo + batch_size, n), device=split.visual.device)
         b = split.batch(idx, device)
-        with _autocast(device, amp):
+        with _autocast(device, precision):
             if setting == "cml":
                 v, a = model.embed_cml(b["visual"], b["audio"])
                 vs.append(v.float().cpu())
@@ -473,9 +476,28 @@ def evaluate(model, split: SplitData, setting: str, device, *, batch_size: int =
     return {"acc": M.segment_accuracy(pred, target), "pred": pred, "target": target}
 
 
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+PRECISIONS = ("float32", "bf16")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Raise on an unknown ``precision``; warn where bf16 has no hardware support (it still
+    runs, emulated, slower than float32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "bf16":
+        return
+    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("precision bf16 on a CPU without native bf16 (AVX512-BF16/AMX): emulated, "
+                    "expect it slower than float32")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        log.warning("precision bf16 on a GPU without bf16 support: emulated, expect it slow")
+
+
+def _autocast(device: torch.device, precision: str):
+    """bf16: autocast (matmuls, convolutions, LSTMs in bf16, reductions and losses in float32;
+    weights, optimizer state and gradients stay float32). float32: no autocast."""
+    if precision == "bf16" and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -484,7 +506,7 @@ def train_head(head_name: str, setting: str, data: AVEData, out_dir: str | Path,
                select_on: str = "val", epochs: int | None = None, batch_size: int | None = None,
                lr: float | None = None, device: str = "auto", resume: bool = True,
                progress: bool = True, on_epoch_end: Callable[[int, dict], None] | None = None,
-               amp: bool = False, eval_batch_size: int = 64, config: dict | None = None,
+               precision: str = "float32", eval_batch_size: int = 64, config: dict | None = None,
                reuse_freed_memory: bool = False, **hparams) -> dict:
     """Train ``head_name`` in ``setting`` on ``data``; returns the metrics dict (also metrics.json).
 
@@ -494,7 +516,8 @@ def train_head(head_name: str, setting: str, data: AVEData, out_dir: str | Path,
     epoch with the best val score; "test" reproduces the published protocol (best epoch
     on TEST, optimistic) and says so in metrics and log; "last" takes the final epoch.
     ``on_epoch_end(epoch, record)`` is called after the epoch's checkpoint is written.
-    ``amp``: bf16 autocast on CUDA. ``config``: recorded in provenance.
+    ``precision``: "float32" (default) or "bf16" (autocast on CPU and CUDA; on CPUs with AMX /
+    AVX512-BF16 about twice as fast, see benchmarks/train.py). ``config``: recorded in provenance.
     ``reuse_freed_memory``: glibc keeps freed activations for the next step instead of
     page-faulting them in again (CACE-Net: ~30% less CPU time per step, but 0.3-0.8 GB higher
     peak RSS from heap fragmentation, hence off by default); results identical.
@@ -518,9 +541,10 @@ def train_head(head_name: str, setting: str, data: AVEData, out_dir: str | Path,
         raise ValueError("no test samples")
     weak = setting == "weak"
     run_config = {"head": head_name, "setting": setting, "seed": int(seed), "select_on": select_on,
-                  "train": cfg, "hparams": hparams, "amp": bool(amp), "data": data.summary()}
+                  "train": cfg, "hparams": hparams, "precision": precision, "data": data.summary()}
+    check_precision(precision, dev)
 
-    with _deterministic(dev.type == "cpu" or not amp), \
+    with _deterministic(dev.type == "cpu" or precision == "float32"), \
             (_reuse_freed_memory() if reuse_freed_memory else contextlib.nullcontext()):
         # ------------------------------------------------------------------ setup (seeded)
         torch.manual_seed(seed)
@@ -569,7 +593,7 @@ def train_head(head_name: str, setting: str, data: AVEData, out_dir: str | Path,
                 total, seen, data_s = 0.0, 0, 0.0
                 for step, (b, waited) in enumerate(feeder.epoch(perm)):
                     data_s += waited
-                    with _autocast(dev, amp):
+                    with _autocast(dev, precision):
                         outp = model(b["visual"], b["audio"])
                         loss, parts = model.loss(outp, b, epoch, n_epochs)
                     if not torch.isfinite(loss):
@@ -589,8 +613,8 @@ def train_head(head_name: str, setting: str, data: AVEData, out_dir: str | Path,
                     seen += k
                 train_s = time.perf_counter() - t0
                 te = time.perf_counter()
-                ev_val = evaluate(model, val_d, setting, dev, batch_size=eval_batch_size, amp=amp)
-                ev_test = evaluate(model, test_d, setting, dev, batch_size=eval_batch_size, amp=amp)
+                ev_val = evaluate(model, val_d, setting, dev, batch_size=eval_batch_size, precision=precision)
+                ev_test = evaluate(model, test_d, setting, dev, batch_size=eval_batch_size, precision=precision)
                 eval_s = time.perf_counter() - te
                 score = {"val": ev_val["acc"], "test": ev_test["acc"], "last": float(epoch)}[select_on]
                 selected = bool(score > best["score"])      # ties keep the earlier epoch
@@ -623,8 +647,8 @@ def train_head(head_name: str, setting: str, data: AVEData, out_dir: str | Path,
         if best["state"] is None:
             raise RuntimeError("no epoch was trained (epochs=0?)")
         model.load_state_dict(best["state"])
-        ev = evaluate(model, test_d, setting, dev, batch_size=eval_batch_size, amp=amp)
-        ev_val = evaluate(model, val_d, setting, dev, batch_size=eval_batch_size, amp=amp) if len(val_d) else {}
+        ev = evaluate(model, test_d, setting, dev, batch_size=eval_batch_size, precision=precision)
+        ev_val = evaluate(model, val_d, setting, dev, batch_size=eval_batch_size, precision=precision) if len(val_d) else {}
     torch.save({"model": best["state"], "run_config": run_config, "epoch": best["epoch"]}, out / "best.pt")
     result = _metrics(head_name, setting, select_on, best["epoch"], ev, ev_val, data, run_config, config, n_epochs)
     _write_json(result, out / "metrics.json")
@@ -752,5 +776,6 @@ def train_from_cli(a) -> int:
     config = {k: v for k, v in vars(a).items() if k != "fn"}
     train_head(a.head, a.setting, data, Path(a.out_dir), seed=a.seed, select_on=a.select_on,
                epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, device=a.device,
-               progress=not a.no_progress, config=config, **_kv(a.hparam))
+               progress=not a.no_progress, config=config, precision=getattr(a, "precision", "float32"),
+               **_kv(a.hparam))
     return 0

@@ -9,6 +9,13 @@ Printed beside the reference anchors (REFERENCE §3, 2-core CPU, random features
 
     python benchmarks/train.py                          # all heads, 3339 videos (slow)
     python benchmarks/train.py --heads avel --videos 128 --eval-videos 32
+    python benchmarks/train.py --heads cace_net event_memory --videos 640 --epochs 2 \
+        --precision float32 bf16 --repeat 3             # side by side, interleaved
+
+``--precision``: each head runs once per precision, interleaved with ``--repeat`` rounds; the
+table gives each run and then, per head and precision, the median epoch time and the ratio
+bf16 / float32 of the medians (measured side by side, so host noise mostly cancels).
+Children run with THP_MEM_ALLOC_ENABLE=1 as the `avepipe` command does (set it to 0 to compare).
 
 "x ref" columns: epoch time extrapolated to 3339 videos / the reference's, and peak minus
 data / the reference's peak (goal: <= 0.5 at <= 1). On a shared CPU (the printed 1-min load
@@ -45,6 +52,24 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _gemm_gflops() -> dict:
+    """This machine's current matmul speed (31360x512 @ 512x1536, float32 and bf16), taken
+    before and after each child: on a shared host it moves by up to 2x within minutes, and
+    epoch times only compare at similar values (quiet 2-core anchors machine: ~225 / ~960)."""
+    import torch
+
+    out = {}
+    x, w = torch.randn(31360, 512), torch.randn(1536, 512)
+    for name, dt in (("float32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = x.to(dt), w.to(dt)
+        a @ b.T
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ b.T
+        out[name] = 2 * 31360 * 512 * 1536 * 5 / (time.perf_counter() - t0) / 1e9
+    return out
+
+
 def _synthetic(n_train: int, n_eval: int, dtype: str, seed: int = 0):
     import numpy as np
 
@@ -75,6 +100,7 @@ def child(args) -> dict:
     from avepipe.train import train_head
 
     load0 = os.getloadavg()[0]
+    gemm0 = _gemm_gflops()
     rss0 = _rss_bytes()
     t0 = time.perf_counter()
     data = _synthetic(args.videos, args.eval_videos, args.dtype)
@@ -83,17 +109,20 @@ def child(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         kw = {"batch_size": args.batch_size} if args.batch_size else {}
         train_head(args.child, args.setting, data, tmp, seed=0, epochs=args.epochs, select_on="last",
-                   progress=False, device=args.device, reuse_freed_memory=args.reuse_memory, **kw)
+                   progress=False, device=args.device, reuse_freed_memory=args.reuse_memory,
+                   precision=args.precision[0], **kw)
         log = [json.loads(x) for x in Path(tmp, "log.jsonl").read_text().splitlines()]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     last = log[-1]
     return {"head": args.child, "setting": args.setting, "videos": args.videos, "dtype": args.dtype,
+            "precision": args.precision[0], "thp": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
             "threads": torch.get_num_threads(), "epoch_s": last["train_s"], "data_s": last["data_s"],
             "data_share": last["data_share"], "eval_s": last["eval_s"], "build_s": build_s,
             "rss_start_gb": rss0 / 1e9, "rss_data_gb": rss_data / 1e9, "peak_gb": peak / 1e9,
             "peak_minus_data_gb": (peak - rss_data + rss0) / 1e9,
             "epoch_s_per_3339": last["train_s"] * 3339 / args.videos,
-            "loadavg_1min": [load0, os.getloadavg()[0]]}
+            "loadavg_1min": [load0, os.getloadavg()[0]],
+            "gemm_gflops": {k: [gemm0[k], v] for k, v in _gemm_gflops().items()}}
 
 
 def main(argv=None) -> int:
@@ -107,6 +136,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                    help="in-memory feature dtype (the store default is float16)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the anchors used 2)")
+    p.add_argument("--precision", nargs="+", default=["float32"], choices=["float32", "bf16"],
+                   help="train_head precision(s); several: run side by side")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of every head x precision, interleaved")
     p.add_argument("--device", default="cpu")
     p.add_argument("--reuse-memory", action="store_true",
                    help="train_head(reuse_freed_memory=True): fewer page faults, higher peak RSS")
@@ -122,21 +154,24 @@ def main(argv=None) -> int:
 
     heads = args.heads or available()
     results = []
-    for head in heads:
+    runs = [(h, prec) for _ in range(args.repeat) for h in heads for prec in args.precision]
+    for head, prec in runs:
         cmd = [sys.executable, __file__, "--child", head, "--videos", str(args.videos),
                "--eval-videos", str(args.eval_videos), "--epochs", str(args.epochs),
-               "--setting", args.setting, "--dtype", args.dtype, "--device", args.device]
+               "--setting", args.setting, "--dtype", args.dtype, "--device", args.device,
+               "--precision", prec]
         for flag, val in (("--batch-size", args.batch_size), ("--threads", args.threads)):
             if val:
                 cmd += [flag, str(val)]
         if args.reuse_memory:
             cmd.append("--reuse-memory")
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        env = {"THP_MEM_ALLOC_ENABLE": "1", **os.environ,
+               "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
             print(f"{head}: failed (rc {proc.returncode})\n{proc.stderr[-2000:]}", file=sys.stderr)
-            results.append({"head": head, "error": proc.stderr[-2000:]})
+            results.append({"head": head, "precision": prec, "error": proc.stderr[-2000:]})
             continue
         results.append(json.loads(line[-1][len("RESULT "):]))
 
@@ -146,8 +181,8 @@ def main(argv=None) -> int:
           f"reuse_freed_memory={args.reuse_memory}")
     if extrap:
         print(f"s/3339 and x ref are EXTRAPOLATED linearly from {args.videos} to 3339 training videos")
-    hdr = (f"{'head':<14}{'epoch s':>9}{'s/3339':>9}{'x ref':>7}{'data %':>8}{'eval s':>8}{'peak GB':>9}"
-           f"{'-data GB':>9}{'x ref':>7}{'load':>11}  reference")
+    hdr = (f"{'head':<14}{'prec':>9}{'epoch s':>9}{'s/3339':>9}{'x ref':>7}{'data %':>8}{'eval s':>8}{'peak GB':>9}"
+           f"{'-data GB':>9}{'x ref':>7}{'load':>11}{'GEMM f32/bf16':>15}  reference")
     print(hdr)
     print("-" * len(hdr))
     for r in results:
@@ -161,12 +196,33 @@ def main(argv=None) -> int:
         tr = f"{r['time_ratio_to_ref']:>7.2f}" if ref_s else f"{'-':>7}"
         pr = f"{r['peak_ratio_to_ref']:>7.2f}" if ref_gb else f"{'-':>7}"
         load = "{:.1f}->{:.1f}".format(*r["loadavg_1min"])
-        print(f"{r['head']:<14}{r['epoch_s']:>9.2f}{r['epoch_s_per_3339']:>9.1f}{tr}{100 * r['data_share']:>8.2f}"
-              f"{r['eval_s']:>8.2f}{r['peak_gb']:>9.2f}{r['peak_minus_data_gb']:>9.2f}{pr}{load:>11}  "
+        gemm = "{:.0f}/{:.0f}".format(*(sum(r["gemm_gflops"][k]) / 2 for k in ("float32", "bf16")))
+        print(f"{r['head']:<14}{r['precision']:>9}{r['epoch_s']:>9.2f}{r['epoch_s_per_3339']:>9.1f}{tr}{100 * r['data_share']:>8.2f}"
+              f"{r['eval_s']:>8.2f}{r['peak_gb']:>9.2f}{r['peak_minus_data_gb']:>9.2f}{pr}{load:>11}{gemm:>15}  "
               f"{ANCHORS.get(r['head'], '')}")
     print("x ref: epoch time (s/3339) / the reference's, and peak minus data / the reference's peak "
           "(goal <= 0.5 and <= 1). load: 1-min load average at start -> end of the child; "
-          f"above {os.cpu_count()} the CPU was shared and times are inflated.")
+          f"above {os.cpu_count()} the CPU was shared and times are inflated. GEMM: matmul GFLOP/s "
+          "measured in the child (mean of before/after; quiet anchor machine ~225/~960).")
+    ok = [r for r in results if "error" not in r]
+    if args.repeat > 1 or len(args.precision) > 1:
+        import statistics
+
+        print(f"\nmedians over {args.repeat} interleaved round(s):")
+        for head in heads:
+            med = {}
+            for prec in args.precision:
+                rs = [r for r in ok if r["head"] == head and r["precision"] == prec]
+                if rs:
+                    med[prec] = (statistics.median(r["epoch_s_per_3339"] for r in rs),
+                                 max(r["peak_minus_data_gb"] for r in rs))
+            for prec, (sec, gb) in med.items():
+                ref_s, ref_gb = ANCHOR_NUMBERS.get(head, (None, None))
+                vs = f"  x ref {sec / ref_s:.2f} time, {gb / ref_gb:.2f} peak" if ref_s else ""
+                print(f"  {head:<14}{prec:>9}  {sec:8.1f} s/3339  peak-data {gb:5.2f} GB{vs}")
+            if "float32" in med and "bf16" in med:
+                print(f"  {head:<14}  bf16 / float32 epoch time (side by side): "
+                      f"{med['bf16'][0] / med['float32'][0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0 if all("error" not in r for r in results) else 1

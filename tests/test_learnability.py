@@ -100,14 +100,14 @@ def accuracy(data, tmp_path_factory):
     torch.set_num_threads(1)
     cache: dict[str, float] = {}
 
-    def run(head: str) -> float:
-        if head not in cache:
+    def run(head: str, precision: str = "float32") -> float:
+        if (head, precision) not in cache:
             kw = dict(RUNS[head])
             res = TR.train_head(head, "full", data, tmp_path_factory.mktemp(head), seed=0,
                                 epochs=kw.pop("epochs"), batch_size=kw.pop("batch_size"),
-                                lr=kw.pop("lr", None), progress=False, **kw)
-            cache[head] = res["accuracy"]
-        return cache[head]
+                                lr=kw.pop("lr", None), progress=False, precision=precision, **kw)
+            cache[head, precision] = res["accuracy"]
+        return cache[head, precision]
     return run
 
 
@@ -129,3 +129,12 @@ def test_fused_head_learns_event_rule(head, accuracy):
     single = max(accuracy("audio_only"), accuracy("visual_only"))
     assert acc >= 0.90, f"{head}: segment accuracy {acc:.3f} < 0.90"
     assert acc >= single + 0.05, f"{head}: {acc:.3f} does not clearly beat one modality ({single:.3f})"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["cace_net", "event_memory"])
+def test_bf16_training_learns_the_event_rule_too(head, accuracy):
+    """precision bf16 (autocast) trains the two heavy heads as well as float32 does here."""
+    acc = accuracy(head, "bf16")
+    assert acc >= 0.90, f"{head} bf16: segment accuracy {acc:.3f} < 0.90"
+    assert acc >= accuracy(head) - 0.03, f"{head}: bf16 {acc:.3f} vs float32 {accuracy(head):.3f}"

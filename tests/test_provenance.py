@@ -52,6 +52,29 @@ def test_stages_known_and_unknown():
         prov.code_fingerprint("bogus")
 
 
+@pytest.mark.parametrize("head", ["cace_net", "ccln", "event_memory", "avel", "audio_only", "visual_only"])
+def test_head_fingerprint_covers_every_head_module_it_loads(head):
+    """Importing a head (fresh interpreter) loads only avepipe.heads modules that are in its
+    fingerprint, so editing a shared one (dropout.py, baselines.py) reruns that head."""
+    import subprocess
+    import sys
+
+    from avepipe.heads import HEADS
+
+    mod = HEADS[head].partition(":")[0]
+    code = (f"import sys, importlib; importlib.import_module({mod!r}); "
+            "print(' '.join(m for m in sys.modules if m.startswith('avepipe.heads.')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    files = prov.stage_files(f"heads:{head}")
+    assert loaded and {f"heads/{m.split('.')[-1]}.py" for m in loaded} <= set(files), (loaded, files)
+    if head in ("cace_net", "event_memory"):
+        assert "heads/dropout.py" in files
+    if head == "ccln":
+        assert "heads/baselines.py" in files
+    if head == "avel":
+        assert "heads/dropout.py" not in files
+
+
 def test_provenance_record_is_json():
     rec = prov.provenance("decode", {"shards": 4}, encoder="vgg19", path=prov.PACKAGE_DIR)
     assert json.loads(json.dumps(rec)) == rec

@@ -324,3 +324,44 @@ def test_fused_adam_matches_plain_adam():
         for pa, pb in zip(a.parameters(), b.parameters()):
             torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
         assert (a[0].weight - w0).abs().max() > 1e-3  # the steps did move the weights
+
+
+# --------------------------------------------------------------------------- precision
+def test_bf16_trains_deterministically_and_resumes_exactly(data, tmp_path, monkeypatch):
+    """precision bf16 (CPU autocast) on CACE-Net with every dropout mask drawn by the numpy
+    path: it learns, is recorded, two runs give identical weights, and a run killed after
+    epoch 0 resumes to exactly the uninterrupted result (the masks follow the checkpointed
+    torch RNG state)."""
+    from avepipe.heads import dropout as D
+
+    monkeypatch.setattr(D, "_SMALL", 0)
+    kw = dict(head="cace_net", epochs=3, lr=2e-3, precision="bf16")
+    r1 = _run(data, tmp_path / "a", **kw)
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"] and all(np.isfinite(r["loss"]) for r in log)
+    ck = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    assert ck["run_config"]["precision"] == "bf16"
+    assert all(v.dtype != torch.bfloat16 for v in ck["model"].values())  # weights stay float32
+    _run(data, tmp_path / "b", **kw)
+    _assert_same_state(_weights(tmp_path / "a" / "checkpoint.pt"), _weights(tmp_path / "b" / "checkpoint.pt"))
+
+    def kill(epoch, rec):
+        if epoch == 0:
+            raise Killed
+
+    with pytest.raises(Killed):
+        _run(data, tmp_path / "k", on_epoch_end=kill, **kw)
+    resumed = _run(data, tmp_path / "k", **kw)
+    _assert_same_state(_weights(tmp_path / "a" / "checkpoint.pt"), _weights(tmp_path / "k" / "checkpoint.pt"))
+    assert resumed["accuracy"] == r1["accuracy"]
+    # float32 is a different run (refused on resume) with different weights
+    with pytest.raises(ValueError, match="different run configuration"):
+        _run(data, tmp_path / "a", **{**kw, "precision": "float32"})
+    _run(data, tmp_path / "f", **{**kw, "precision": "float32"})
+    w16, w32 = _weights(tmp_path / "a" / "checkpoint.pt"), _weights(tmp_path / "f" / "checkpoint.pt")
+    assert any(not torch.equal(w16[k], w32[k]) for k in w16)
+
+
+def test_unknown_precision_is_refused(data, tmp_path):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        _run(data, tmp_path, precision="float16")

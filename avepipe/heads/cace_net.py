@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dropout as D
+
 __all__ = ["CACENet", "TRAIN_DEFAULTS", "bece_contrast_loss"]
 
 # REFERENCE §3: README command of the released code (80.80% with VGG-19 + VGGish).
@@ -47,46 +49,6 @@ GUIDES = ("none", "audio", "visual", "co")
 TEMPORALS = ("bilstm", "lstm", "none")
 BECE_AUGS = ("noise", "channel_mask", "mixup")
 GATE_LOSSES = ("prob", "reference")
-
-
-class _MaskScale(torch.autograd.Function):
-    """y = x * keep * scale with a bool ``keep`` (1 byte per element) saved for backward.
-
-    Same products as ``F.dropout``'s ``x * (mask / (1 - p))``, whose float mask costs 4 bytes
-    per element and an extra pass; on the (B*T, 49, 512) maps that is 64 MB per dropout.
-    """
-
-    @staticmethod
-    def forward(ctx, x, keep, scale):
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return x.mul(keep).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None, None
-
-
-def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    # bernoulli_ draws the same stream whatever the dtype: bitwise the mask F.dropout draws
-    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
-
-
-def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``F.dropout(x, p, training)`` with a bool mask (same random draws, same values)."""
-    if not training or p == 0:
-        return x
-    return _MaskScale.apply(x, _keep_mask(x, p), 1.0 / (1 - p))
-
-
-def _relu_dropout(h: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``F.dropout(F.relu(h), p, training)`` in one masked pass: relu folded into the mask."""
-    if not training or p == 0:
-        return F.relu(h)
-    keep = _keep_mask(h, p)
-    keep &= h > 0  # NaN stays NaN (NaN * 0); negative entries give -0.0 instead of +0.0
-    return _MaskScale.apply(h, keep, 1.0 / (1 - p))
 
 
 def _self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -111,14 +73,14 @@ class CoGuidanceAttention(nn.Module):
         self.a2v = guide in ("audio", "co")  # audio-guided visual (eq. 1-2)
         self.v2a = guide in ("visual", "co")  # visual-guided audio (eq. 3-6)
         dq = dv // latent
-        # One spatial self-attention over the map per used direction; all q/k/v projections
-        # of the map share one GEMM (same parameter count as separate Linear layers).
+        # One spatial self-attention over the map per used direction; their q/k/v projections
+        # are rows of one Linear, weight rows [q1 k1 v1 q2 k2 v2] (dq, dq, dv each).
         self.n_sa = int(self.a2v) + int(self.v2a)
-        self._split = [dq, dq, dv] * self.n_sa
+        self.dq, self._rows = dq, 2 * dq + dv   # weight rows per direction
         if self.n_sa:
-            self.v_qkv = nn.Linear(dv, sum(self._split))
+            self.v_qkv = nn.Linear(dv, self._rows * self.n_sa)
             self.v_norm = nn.LayerNorm(dv)  # shared by both self-attentions, as in the reference
-        self.drop = nn.Dropout(dropout)
+        self.drop = D.Dropout(dropout)
         if self.a2v:
             # eq. 1: global calibration feature from the self-attended map
             self.g_ave = nn.Linear(dv, hidden)
@@ -139,39 +101,49 @@ class CoGuidanceAttention(nn.Module):
             self.va_q = nn.Linear(dv, da)  # eq. 5 W_v^Q
             self.va_kv = nn.Linear(da, 2 * da)  # eq. 5 W_a^K, W_a^V
 
+    def _qkv(self, x: torch.Tensor, i: int):
+        """q, k, v of direction ``i``: q/k from one GEMM, v from its own, so that v is a
+        contiguous tensor (a column slice of one wide GEMM output makes both attention bmms
+        and their backward copy it, and the split's backward concatenates the full gradient)."""
+        w, b = self.v_qkv.weight, self.v_qkv.bias
+        o, dq = i * self._rows, self.dq
+        q, k = F.linear(x, w[o:o + 2 * dq], b[o:o + 2 * dq]).split(dq, dim=-1)
+        return q, k, F.linear(x, w[o + 2 * dq:o + self._rows], b[o + 2 * dq:o + self._rows])
+
     def forward(self, x: torch.Tensor, audio: torch.Tensor):
         B, T, da = audio.shape
         N, P, dv = x.shape
         a_flat = audio.reshape(N, da)
         if self.n_sa:
-            parts = self.v_qkv(x).split(self._split, dim=-1)  # views of one GEMM output
-            # global spatial features v^g, one per guidance direction (N, P, dv)
-            g = [self.v_norm(x + _dropout(_self_attention(*parts[3 * i:3 * i + 3]), self.drop.p,
-                                          self.training))
+            # global spatial features v^g, one per guidance direction (N, P, dv);
+            # .to(x.dtype): under bf16 autocast, one cast here instead of one per consumer
+            g = [self.v_norm(x + D.dropout(_self_attention(*self._qkv(x, i)), self.drop.p,
+                                          self.training)).to(x.dtype)
                  for i in range(self.n_sa)]
 
         if self.a2v:
             vg = g[0]
             # eq. 1: v^gc = W1 F_sq(v^g) (.) W2 v^g ; spatial softmax of U_v -> calibration v~^g
             h_ch, h_sp = self.g_vid(vg).split([dv, self.g_ave.out_features], dim=-1)
-            avg = F.relu(self.g_ave(vg.mean(1))).unsqueeze(1)
+            # sum/P, not mean: bf16 mean upcasts a copy of the whole map first (~10x slower)
+            avg = F.relu(self.g_ave(vg.sum(1) / P)).unsqueeze(1)
             s = torch.softmax(torch.tanh(self.g_att(F.relu(h_sp) * avg)).squeeze(-1), dim=-1)
             v_cal = (s.unsqueeze(1) @ vg).squeeze(1)  # (N, dv)
             # channel attention: mean_p(relu(A a) * relu(V v^g)) = relu(A a) * mean_p(relu(V v^g))
-            cq = F.relu(self.c_aud(a_flat)) * F.relu(h_ch).mean(1)
+            cq = F.relu(self.c_aud(a_flat)) * (F.relu(h_ch).sum(1) / P)
             ch = torch.sigmoid(self.c_att(F.relu(self.c_bottleneck(cq))))  # (N, dv)
-            xc = x * (1.0 + ch.unsqueeze(1))
+            xc = x * (1.0 + ch.unsqueeze(1)).to(x.dtype)
             # spatial attention on the channel-attended map
             hs = F.relu(self.s_vid(xc)) * F.relu(self.s_aud(a_flat)).unsqueeze(1)
             s2 = torch.softmax(torch.tanh(self.s_att(hs)).squeeze(-1), dim=-1)
             v_cs = (s2.unsqueeze(1) @ xc).squeeze(1)  # v^cs, (N, dv)
             v_out = v_cs + self.beta * torch.sigmoid(v_cal) * v_cs  # eq. 2
         else:
-            v_out = x.mean(1)
+            v_out = x.sum(1) / P
         v_out = v_out.reshape(B, T, dv)
 
         if self.v2a:
-            vq = g[-1].mean(1).reshape(B, T, dv)  # F_sq(v^g) -> v^g'
+            vq = (g[-1].sum(1) / P).reshape(B, T, dv)  # F_sq(v^g) -> v^g'
             qa, ka, va = self.a_qkv(audio).chunk(3, dim=-1)
             ag = self.a_norm(audio + self.drop(_self_attention(qa, ka, va)))  # eq. 3-4
             kk, vv = self.va_kv(ag).chunk(2, dim=-1)
@@ -192,9 +164,9 @@ class _CrossLayer(nn.Module):
         self.linear2 = nn.Linear(ffn, d)
         self.norm1 = nn.LayerNorm(d)
         self.norm2 = nn.LayerNorm(d)
-        self.drop = nn.Dropout(dropout)
-        self.drop1 = nn.Dropout(dropout)
-        self.drop2 = nn.Dropout(dropout)
+        self.drop = D.Dropout(dropout)
+        self.drop1 = D.Dropout(dropout)
+        self.drop2 = D.Dropout(dropout)
 
     def forward(self, tgt, memory):
         mem = torch.cat([memory, tgt], dim=1)
@@ -213,6 +185,8 @@ class RelationEncoder(nn.Module):
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(d, nhead, ffn, dropout, batch_first=True)
             for _ in range(layers))
+        for layer in self.layers:  # torch's layer, its dropouts drawn by avepipe's fast masks
+            layer.dropout, layer.dropout1, layer.dropout2 = (D.Dropout(dropout) for _ in range(3))
 
     def forward(self, x):
         x = self.affine(x)
@@ -244,7 +218,7 @@ class AVInteraction(nn.Module):
         super().__init__()
         self.attn = nn.MultiheadAttention(d, nhead, dropout=attn_dropout, batch_first=True)
         self.norm = nn.LayerNorm(d)
-        self.drop = nn.Dropout(dropout)
+        self.drop = D.Dropout(dropout)
 
     def forward(self, x, other):
         g = x * other
@@ -317,7 +291,7 @@ class CACENet(nn.Module):
         d, dv, da = d_model, video_fc_dim, audio_dim
 
         self.v_fc = nn.Linear(visual_shape[-1], dv)  # adapts any visual width (VGG/ResNet)
-        self.v_drop = nn.Dropout(0.2)
+        self.v_drop = D.Dropout(0.2)
         self.avca = CoGuidanceAttention(guide, dv, da, beta=beta, psi=psi)
 
         # Temporal encoder (appendix Table S1): outputs audio d, visual 2d.
@@ -381,7 +355,7 @@ class CACENet(nn.Module):
     def forward(self, visual: torch.Tensor, audio: torch.Tensor) -> dict:
         B, T = audio.shape[:2]
         x = visual.reshape(B * T, -1, visual.shape[-1])  # (N, P, C); pooled input -> P = 1
-        x = _relu_dropout(self.v_fc(x), self.v_drop.p, self.training)  # = v_drop(relu(v_fc(x)))
+        x = D.relu_dropout(self.v_fc(x), self.v_drop.p, self.training)  # = v_drop(relu(v_fc(x)))
         v, a = self.avca(x, audio)  # eq. 1-6 -> (B,T,dv), (B,T,da)
         a, v = self._temporal(a, v)  # (B,T,d), (B,T,2d)
 

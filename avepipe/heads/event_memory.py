@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import dropout as D
+
 __all__ = ["EventMemory", "TRAIN_DEFAULTS"]
 
 # Paper 4.1.3 / reference main scripts: Adam 3e-4, cosine annealing over 300 epochs, batch 128.
@@ -54,8 +56,15 @@ class _Attention(nn.Module):
             k, v = F.linear(mem, w[d:], b[d:]).chunk(2, -1)
         sh = lambda t: t.reshape(n, -1, self.h, d // self.h).transpose(1, 2)  # noqa: E731
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        o = F.scaled_dot_product_attention(sh(q), sh(k), sh(v), attn_mask=mask,
-                                           dropout_p=self.p if self.training else 0.0)
+        if self.training and self.p > 0:
+            # SDPA would draw its attention-dropout mask with torch's serial CPU bernoulli
+            # (~150 ms per step on the spatial maps); same math, avepipe's masks
+            att = torch.matmul(sh(q), sh(k).transpose(-1, -2)).mul_(1.0 / math.sqrt(d // self.h))
+            if mask is not None:
+                att = att.masked_fill(~mask, _NEG)   # every row keeps >= 1 key (filled slots)
+            o = torch.matmul(D.dropout(att.softmax(-1), self.p, True), sh(v))
+        else:
+            o = F.scaled_dot_product_attention(sh(q), sh(k), sh(v), attn_mask=mask)
         return self.out_proj(o.transpose(1, 2).reshape(n, lq, d))
 
     def _one_query(self, x, mem):
@@ -71,7 +80,7 @@ class _Attention(nn.Module):
         q = F.linear(x[:, 0], w[:d], b[:d]).reshape(n, h, e).transpose(0, 1)       # (h,n,e)
         qk = torch.bmm(q, w[d:2 * d].reshape(h, e, d)).transpose(0, 1)             # (n,h,d)
         p = torch.bmm(qk, mem.transpose(1, 2)).mul_(1.0 / math.sqrt(e)).softmax(-1)  # (n,h,L)
-        p = F.dropout(p, self.p, self.training)
+        p = D.dropout(p, self.p, self.training)
         pooled = torch.bmm(p, mem).transpose(0, 1)                                 # (h,n,d)
         o = torch.bmm(pooled, w[2 * d:].reshape(h, e, d).transpose(1, 2)).transpose(0, 1)  # (n,h,e)
         o = o + b[2 * d:].reshape(h, e) * p.sum(-1, keepdim=True)
@@ -88,11 +97,11 @@ class _Block(nn.Module):
         self.attn = _Attention(d, heads, dropout)
         self.lin1, self.lin2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.drop, self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+        self.drop, self.drop1, self.drop2 = D.Dropout(dropout), D.Dropout(dropout), D.Dropout(dropout)
 
     def forward(self, x, mem=None, key_mask=None):
         x = self.norm1(x + self.drop1(self.attn(x, mem if self.cross else None, key_mask)))
-        return self.norm2(x + self.drop2(self.lin2(self.drop(F.relu(self.lin1(x))))))
+        return self.norm2(x + self.drop2(self.lin2(D.relu_dropout(self.lin1(x), self.drop.p, self.training))))
 
 
 class _VanillaAttention(nn.Module):
@@ -101,7 +110,7 @@ class _VanillaAttention(nn.Module):
     def __init__(self, d, heads, dropout, cross=False):
         super().__init__()
         self.cross = cross
-        self.attn, self.norm, self.drop = _Attention(d, heads, dropout), nn.LayerNorm(d), nn.Dropout(dropout)
+        self.attn, self.norm, self.drop = _Attention(d, heads, dropout), nn.LayerNorm(d), D.Dropout(dropout)
 
     def forward(self, x, mem=None, key_mask=None):
         return self.norm(x + self.drop(self.attn(x, mem if self.cross else None, key_mask)))
@@ -202,14 +211,14 @@ class EventMemory(nn.Module):
             enc = lambda: _Stack(lambda: _VanillaAttention(hidden, heads, dropout), n_layers)  # noqa: E731
             dec = lambda: _Stack(lambda: _VanillaAttention(hidden, heads, dropout, cross=True), n_layers)  # noqa: E731
         mlp = lambda i: nn.Sequential(nn.Linear(i, hidden), nn.LeakyReLU(),  # noqa: E731
-                                      nn.Linear(hidden, hidden), nn.Dropout(0.2))
+                                      nn.Linear(hidden, hidden), D.Dropout(0.2))
         # base encoders E_b^a, E_b^v (reference: 2-layer MLPs, dropout 0.2)
         self.audio_fc = mlp(self.audio_dim) if use_audio else None
         self.video_fc = mlp(vdim) if use_visual else None
         # 3.3.1 spatial fusion: E_s^v over the h*w tokens (sinusoidal positions), D_s audio->visual
         if use_visual and spatial_fusion:
             self.register_buffer("pe", _sinusoid(self.n_tok, hidden), persistent=False)
-            self.pe_drop = nn.Dropout(dropout)
+            self.pe_drop = D.Dropout(dropout)
             self.video_stf = enc()
         self.spatial_decoder = dec() if (use_visual and use_audio and spatial_fusion) else None
         # 3.3.2 temporal fusion: E_t^a, E_t^v, D_t (no positional encoding in the reference)
@@ -226,7 +235,7 @@ class EventMemory(nn.Module):
         # eq. 9 event classifier, eq. 12 relevance classifier
         self.event_classifier = nn.Linear(hidden, num_classes)
         self.relevance_classifier = nn.Linear(hidden, 1)
-        self.logit_drop = nn.Dropout(0.2)  # reference applies dropout 0.2 to these logits
+        self.logit_drop = D.Dropout(0.2)  # reference applies dropout 0.2 to these logits
         self.segment_classifier = nn.Linear(hidden, num_classes + 1) if branch == "single" else None
 
         # ---- memory bank (3.4.1-3.4.2): persistent buffers so checkpoints keep it.
@@ -258,7 +267,7 @@ class EventMemory(nn.Module):
             v = self.video_fc(visual).reshape(N * S, self.n_tok, self.D)
             if self.spatial_fusion:
                 v = self.video_stf(self.pe_drop(v + self.pe.to(v.dtype)))
-            vbar = v.mean(1).reshape(N, S, self.D)
+            vbar = (v.sum(1) / self.n_tok).reshape(N, S, self.D)  # not mean: bf16 mean copies the map
         # 3.3.1 spatial branch; without spatial fusion its identity path (the segment's own feature)
         if self.spatial_decoder is not None:
             fs = self.spatial_decoder(a.reshape(N * S, 1, self.D), v).reshape(N, S, self.D)

@@ -308,7 +308,7 @@ def test_ablations_remove_modules():
 
 
 # --------------------------------------------------------------------------- exact shortcuts
-def _naive_attention(att, x, mem, drop):
+def _naive_attention(att, x, mem, drop, key_mask=None):
     """Textbook multi-head cross-attention with att's weights: every memory token projected to
     a key and a value (what _Attention._one_query avoids)."""
     n, lq, d = x.shape
@@ -317,8 +317,32 @@ def _naive_attention(att, x, mem, drop):
     split = lambda t: t.reshape(n, -1, h, e).transpose(1, 2)  # noqa: E731
     q, k, v = (split(torch.nn.functional.linear(t, w[i * d:(i + 1) * d], b[i * d:(i + 1) * d]))
                for i, t in enumerate((x, mem, mem)))
-    p = torch.nn.functional.dropout((q @ k.transpose(-1, -2) / math.sqrt(e)).softmax(-1), att.p, drop)
+    s = q @ k.transpose(-1, -2) / math.sqrt(e)
+    if key_mask is not None:
+        s = s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    p = torch.nn.functional.dropout(s.softmax(-1), att.p, drop)
     return att.out_proj((p @ v).transpose(1, 2).reshape(n, lq, d))
+
+
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_attention_equals_textbook_attention(training, cross):
+    """_Attention's generic path (SDPA in eval; in training explicit softmax + avepipe dropout)
+    is textbook attention with the same dropout mask, key mask included."""
+    from avepipe.heads.event_memory import _Attention
+    torch.manual_seed(0)
+    att = _Attention(16, 4, 0.3).train(training)
+    x = torch.randn(6, 5, 16)
+    mem = torch.randn(6, 9, 16) if cross else x
+    key_mask = torch.rand(6, mem.shape[1]) < 0.7
+    key_mask[:, 0] = True
+    torch.manual_seed(1)
+    out = att(x, mem if cross else None, key_mask)
+    torch.manual_seed(1)
+    ref = _naive_attention(att, x, mem, training, key_mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if training:   # dropout did act: a different draw gives a different output
+        assert not torch.allclose(att(x, mem if cross else None, key_mask), ref, atol=1e-3)
 
 
 @pytest.mark.parametrize("training", [False, True])

@@ -97,6 +97,8 @@ def test_list_and_string_hparams_reach_the_cli_intact():
     hp = _kv([words[i + 1] for i, w in enumerate(words) if w == "--hparam"])
     cfg = yaml.safe_load((REPO / "workflow/config/demo.yaml").read_text())
     assert hp == cfg["heads"]["event_memory"]["hparams"] and isinstance(hp["lambdas"], list)
+    # train.precision reaches the command (schema default float32)
+    assert words[words.index("--precision") + 1] == cfg["train"].get("precision", "float32")
 
 
 def test_demo_schedules_the_finetuning_path_first_with_one_thread_extraction():

@@ -26,6 +26,7 @@ rule train:
         select_on=lambda w: C(w)["train"]["select_on"],
         normalize=lambda w: C(w)["train"]["normalize"],
         device=lambda w: C(w)["train"]["device"],
+        precision=lambda w: C(w)["train"]["precision"],
         evaluate=lambda w: kv_flags("--eval", C(w).get("evaluate", {})),
         out_dir=lambda w: f"results/{w.run}/heads/{w.head}/{w.features}/{w.setting}/seed{w.seed}",
         code=lambda w: fingerprint(f"heads:{w.head}"),
@@ -44,6 +45,6 @@ rule train:
         "avepipe train --format {params.format} --manifest {input.manifest} --head {wildcards.head}"
         " --setting {wildcards.setting} --seed {wildcards.seed} {params.epochs} {params.batch} {params.lr}"
         " {params.hparams} {params.evaluate} --select-on {params.select_on} --normalize {params.normalize}"
-        " --device {params.device}"
+        " --device {params.device} --precision {params.precision}"
         " --threads {threads} --visual {input.visual} --audio-features {input.audio}"
         " --features-name {wildcards.features} --out-dir {params.out_dir} --no-progress > {log} 2>&1"
