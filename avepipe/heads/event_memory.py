@@ -283,7 +283,9 @@ class EventMemory(nn.Module):
             ft = vt if self.use_visual else at
         # eq. 1: conv over time on [spatial; temporal]
         x = torch.cat([fs, ft], -1).transpose(1, 2)
-        fused = self.fusion_norm(self.fusion_conv(x).transpose(1, 2))
+        # float32 from here under bf16 autocast: the bank distances and eq. 20-21 margins are
+        # decided on these features (a no-op in float32 runs)
+        fused = self.fusion_norm(self.fusion_conv(x).transpose(1, 2).float())
         return fused, at, vt
 
     def _encode_bank(self):
