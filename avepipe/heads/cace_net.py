@@ -115,10 +115,9 @@ class CoGuidanceAttention(nn.Module):
         N, P, dv = x.shape
         a_flat = audio.reshape(N, da)
         if self.n_sa:
-            # global spatial features v^g, one per guidance direction (N, P, dv);
-            # .to(x.dtype): under bf16 autocast, one cast here instead of one per consumer
+            # global spatial features v^g, one per guidance direction (N, P, dv)
             g = [self.v_norm(x + D.dropout(_self_attention(*self._qkv(x, i)), self.drop.p,
-                                          self.training)).to(x.dtype)
+                                          self.training))
                  for i in range(self.n_sa)]
 
         if self.a2v:
@@ -132,7 +131,7 @@ class CoGuidanceAttention(nn.Module):
             # channel attention: mean_p(relu(A a) * relu(V v^g)) = relu(A a) * mean_p(relu(V v^g))
             cq = F.relu(self.c_aud(a_flat)) * (F.relu(h_ch).sum(1) / P)
             ch = torch.sigmoid(self.c_att(F.relu(self.c_bottleneck(cq))))  # (N, dv)
-            xc = x * (1.0 + ch.unsqueeze(1)).to(x.dtype)
+            xc = x * (1.0 + ch.unsqueeze(1))
             # spatial attention on the channel-attended map
             hs = F.relu(self.s_vid(xc)) * F.relu(self.s_aud(a_flat)).unsqueeze(1)
             s2 = torch.softmax(torch.tanh(self.s_att(hs)).squeeze(-1), dim=-1)

@@ -1,4 +1,4 @@
-"""Dropout for the heads' large activation maps: fast CPU masks, 1-byte masks kept for backward.
+"""Dropout for the heads' large activation maps: fast CPU masks, at most 1 byte per element kept.
 
 Why not ``nn.Dropout``: on CPU, torch draws dropout masks with one serial Mersenne-Twister
 stream (``bernoulli_``, ~180 ms for one (640, 49, 512) map on this 2-core machine); in CACE-Net
@@ -67,9 +67,10 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return _cpu_keep_mask(x.shape, p)
 
 
-def _as_float_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # bool -> float casts take a slow scalar path in torch (4x a multiply); uint8 -> float is vectorised
-    return keep.view(torch.uint8).to(dtype)
+def _masked(t: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """t * keep * scale in one multiply pass. The mask goes through uint8: a bool -> float
+    cast (or ``where`` / ``t * bool``) takes torch's slow scalar path, ~4x one multiply."""
+    return torch.addcmul(t.new_zeros(()), t, keep.view(torch.uint8).to(t.dtype), value=scale)
 
 
 class _MaskScale(torch.autograd.Function):
@@ -84,13 +85,12 @@ class _MaskScale(torch.autograd.Function):
     def forward(ctx, x, keep, scale):
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return torch.addcmul(x.new_zeros(()), x, _as_float_mask(keep, x.dtype), value=scale)
+        return _masked(x, keep, scale)
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        return torch.addcmul(grad.new_zeros(()), grad, _as_float_mask(keep, grad.dtype),
-                             value=ctx.scale), None, None
+        return _masked(grad, keep, ctx.scale), None, None
 
 
 class _ReluMaskScale(torch.autograd.Function):
@@ -102,7 +102,7 @@ class _ReluMaskScale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, keep, scale):
-        y = torch.addcmul(h.new_zeros(()), h, _as_float_mask(keep, h.dtype), value=scale).clamp_min_(0)
+        y = _masked(h, keep, scale).clamp_min_(0)
         ctx.save_for_backward(y)
         ctx.scale = scale
         return y
@@ -123,7 +123,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 def relu_dropout(h: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``F.dropout(F.relu(h), p, training)`` in one masked pass: relu folded into the mask."""
+    """``F.dropout(F.relu(h), p, training)``, keeping only the output for backward."""
     if not training or p == 0:
         return F.relu(h)
     if p == 1:
