@@ -12,7 +12,7 @@ include: "workflow/rules/decode.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/heads.smk"
-include: "workflow/rules/report.smk"
+include: "workflow/rules/summary.smk"
 
 
 rule all:

@@ -1,6 +1,9 @@
 """The `avepipe` command: one subcommand per pipeline stage (the Snakemake rules call these).
 
-Imports are lazy so `avepipe --help` and light stages start fast.
+Each stage's options come from its dataclass in avepipe/options.py (flags, defaults, help);
+stage modules are imported only by the command that runs, so `avepipe --help` and the light
+stages start fast. Errors a user can fix (config, dataset, weights, damaged stores, missing
+files) print one line naming what is wrong; `AVEPIPE_DEBUG=1` shows the traceback.
 """
 from __future__ import annotations
 
@@ -11,7 +14,14 @@ import os
 import sys
 from pathlib import Path
 
+from avepipe import options as O
+
 log = logging.getLogger("avepipe")
+
+# Exceptions that describe a problem with the user's input rather than a bug: one line, exit 2.
+USER_ERRORS = {"ConfigError", "DatasetError", "WeightsError", "DataMismatchError", "StoreDamagedError",
+               "MediaError", "PreflightError", "TestSplitError", "ImportH5Error",
+               "FileNotFoundError", "NotADirectoryError", "IsADirectoryError", "PermissionError"}
 
 
 def _threads(n: int | None) -> None:
@@ -21,14 +31,14 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(int(n))
 
 
-def _kv(items: list[str] | None) -> dict:
-    """Parse repeated ``key=value`` options; values as YAML scalars (numbers, booleans)."""
+def _kv(items: list[str] | None, what: str) -> dict:
+    """Parse repeated ``key=value`` options; values as YAML scalars (numbers, booleans, lists)."""
     import yaml
 
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"expected key=value, got {item!r}")
+            raise SystemExit(f"avepipe: {what}: expected key=value, got {item!r}")
         k, v = item.split("=", 1)
         out[k] = yaml.safe_load(v)
     return out
@@ -43,7 +53,17 @@ def _write_json(obj, path: str | None) -> None:
         print(text)
 
 
-# --------------------------------------------------------------------------- data
+def _config_of(a) -> dict:
+    """What a stage records as its configuration: its flags (not the function to run)."""
+    return {k: v for k, v in vars(a).items() if k not in ("fn", "command", "verbose")}
+
+
+# =========================================================================== commands
+# --------------------------------------------------------------------------- config
+def args_validate_config(s):
+    s.add_argument("configs", nargs="+", help="config files (YAML)")
+
+
 def cmd_validate_config(a) -> int:
     from avepipe.config import load_config
 
@@ -53,14 +73,52 @@ def cmd_validate_config(a) -> int:
     return 0
 
 
+def args_schema(s):
+    s.add_argument("--write", action="store_true", help="rewrite avepipe/schemas/config.schema.yaml")
+    s.add_argument("--check", action="store_true", help="exit 1 if the schema file is out of date")
+
+
+def cmd_schema(a) -> int:
+    from avepipe.config import SCHEMA_PATH, schema_text
+
+    text = schema_text()
+    if a.write:
+        SCHEMA_PATH.write_text(text)
+        print(f"wrote {SCHEMA_PATH}")
+    elif a.check:
+        if SCHEMA_PATH.read_text() != text:
+            print(f"{SCHEMA_PATH} is out of date: run `avepipe schema --write`", file=sys.stderr)
+            return 1
+        print(f"{SCHEMA_PATH}: up to date")
+    else:
+        print(text, end="")
+    return 0
+
+
+# --------------------------------------------------------------------------- data
+def args_synth(s):
+    s.add_argument("--format", choices=["ave", "unav100"], required=True, help="dataset layout to write")
+    s.add_argument("--out", type=Path, required=True, help="dataset root to create")
+    O.add_arguments(s, O.SynthOptions)
+    s.add_argument("--summary", help="write a JSON summary here")
+
+
 def cmd_synth(a) -> int:
     from avepipe.datasets import synthetic
 
-    kw = {"duration_range": tuple(a.durations)} if a.format == "unav100" else {}
-    synthetic.make(a.format, a.out, a.videos, a.seed, classes=a.classes, progress=not a.no_progress, **kw)
-    _write_json({"format": a.format, "root": str(a.out), "videos": a.videos, "seed": a.seed,
-                 "classes": a.classes}, a.summary)
+    opts = O.from_args(O.SynthOptions, a)
+    kw = {"duration_range": (opts.min_duration, opts.max_duration)} if a.format == "unav100" else {}
+    seed = opts.seed or 0
+    synthetic.make(a.format, a.out, opts.videos, seed, classes=opts.classes, **kw)
+    _write_json({"format": a.format, "root": str(a.out), "videos": opts.videos, "seed": seed,
+                 "classes": opts.classes}, a.summary)
     return 0
+
+
+def args_dataset(s):
+    s.add_argument("--format", choices=["ave", "unav100"], required=True, help="dataset layout")
+    s.add_argument("--root", required=True, help="dataset root, laid out as the real download")
+    s.add_argument("--json", action="store_true", help="print JSON")
 
 
 def cmd_dataset(a) -> int:
@@ -74,6 +132,13 @@ def cmd_dataset(a) -> int:
         for k, v in stats.items():
             print(f"{k}: {v}")
     return 0
+
+
+def args_index(s):
+    O.add_arguments(s, O.IndexOptions)
+    s.add_argument("--shards", type=int, required=True, help="number of shards (decode.shards)")
+    s.add_argument("--out", required=True, help="index.parquet to write")
+    s.add_argument("--problems", required=True, help="index_problems.json to write")
 
 
 def cmd_index(a) -> int:
@@ -90,27 +155,45 @@ def cmd_index(a) -> int:
     return 0
 
 
+def args_decode(s):
+    s.add_argument("--index", required=True, help="index.parquet")
+    s.add_argument("--shard", required=True, help="shard number")
+    s.add_argument("--out", required=True, help="decoded shard store to write")
+    O.add_arguments(s, O.DecodeOptions)
+    s.add_argument("--rates", type=int, nargs="+", default=[16000], help="audio sample rates to store")
+    s.add_argument("--seed", type=int, default=0, help="seed of the frame sample times")
+    s.add_argument("--on-error", choices=["skip", "fail"], default="skip",
+                   help="mark a bad video failed and go on, or stop")
+
+
 def cmd_decode(a) -> int:
     import pandas as pd
 
     from avepipe.decode import decode_shard
 
+    opts = O.from_args(O.DecodeOptions, a)
     index = pd.read_parquet(a.index)
     rows = index[index["shard"] == int(a.shard)]
-    status = decode_shard(rows, Path(a.out), n_segments=a.n_segments or None,
-                          audio_rates=[int(r) for r in a.rates.split(",")],
-                          sample_frames_per_segment=a.sample_frames, seed=a.seed,
-                          on_error=a.on_error, progress=not a.no_progress)
+    status = decode_shard(rows, Path(a.out), n_segments=opts.n_segments, audio_rates=a.rates,
+                          sample_frames_per_segment=opts.sample_frames_per_segment, seed=a.seed,
+                          on_error=a.on_error)
     n_bad = int((status["status"] != "ok").sum())
     print(f"shard {a.shard}: {len(status)} videos, {n_bad} failed -> {a.out}")
     return 0
+
+
+def args_decode_report(s):
+    s.add_argument("--index", required=True, help="index.parquet")
+    s.add_argument("--problems", help="index_problems.json")
+    s.add_argument("--out-dir", required=True, help="run folder (manifest and report go here)")
+    s.add_argument("shards", nargs="+", help="decoded shard stores")
 
 
 def cmd_decode_report(a) -> int:
     import pandas as pd
 
     from avepipe.decode import collect_manifest
-    from avepipe.report import decode_report
+    from avepipe.decode_report import decode_report
 
     index = pd.read_parquet(a.index)
     manifest = collect_manifest(index, [Path(p) for p in a.shards])
@@ -122,18 +205,37 @@ def cmd_decode_report(a) -> int:
 
 
 # --------------------------------------------------------------------------- features
+def args_extract(s):
+    s.add_argument("--decoded", required=True, help="decoded shard store")
+    s.add_argument("--index", required=True, help="index.parquet (video paths)")
+    s.add_argument("--encoder", required=True, help="encoder name (vgg19, resnet50, vggish, cnn14, ...)")
+    O.add_arguments(s, O.ExtractOptions)
+    s.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                   help="the encoder's own option (e.g. preprocessing=ave, pooled=true); repeatable")
+    s.add_argument("--window", type=float, help="UnAV-100: feature window (s)")
+    s.add_argument("--hop", type=float, help="UnAV-100: window hop (s)")
+    s.add_argument("--out", required=True, help="feature shard store to write")
+
+
 def cmd_extract(a) -> int:
     import pandas as pd
 
     from avepipe.extract import extract_shard
 
-    _threads(a.threads)
+    opts = O.from_args(O.ExtractOptions, a)
+    _threads(opts.threads)
     index = pd.read_parquet(a.index)
-    extract_shard(Path(a.decoded), index, a.encoder, a.weights, Path(a.out),
-                  frames_per_segment=a.frames_per_segment, batch_size=a.batch_size,
-                  num_workers=a.num_workers, device=a.device, dtype=a.dtype,
-                  window=a.window, hop=a.hop, progress=not a.no_progress, **_kv(a.opt))
+    extract_shard(Path(a.decoded), index, a.encoder, opts.weights, Path(a.out),
+                  frames_per_segment=opts.frames_per_segment, batch_size=opts.batch_size,
+                  num_workers=opts.num_workers, device=opts.device, dtype=opts.dtype,
+                  window=a.window, hop=a.hop, config=_config_of(a), **_kv(a.opt, "--opt"))
     return 0
+
+
+def args_inspect(s):
+    s.add_argument("stores", nargs="+", help="feature shard stores or folders of them")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--out", help="write the JSON here")
 
 
 def cmd_inspect(a) -> int:
@@ -148,6 +250,25 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+def args_verify(s):
+    s.add_argument("stores", nargs="+", help="feature or decoded stores, or folders of feature shards")
+    s.add_argument("--json", action="store_true", help="print the problems as JSON")
+
+
+def cmd_verify(a) -> int:
+    from avepipe.verify import run
+
+    return run(a.stores, as_json=a.json)
+
+
+def args_export_h5(s):
+    s.add_argument("--manifest", required=True, help="manifest.parquet")
+    s.add_argument("--visual", nargs="+", required=True, help="visual feature shards")
+    s.add_argument("--audio", nargs="+", required=True, help="audio feature shards")
+    s.add_argument("--out-dir", required=True, help="folder for the h5 files")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="h5 dtype (default: float32)")
+
+
 def cmd_export_h5(a) -> int:
     import pandas as pd
 
@@ -155,9 +276,14 @@ def cmd_export_h5(a) -> int:
     from avepipe.store import open_features
 
     manifest = pd.read_parquet(a.manifest)
-    export_h5(manifest, open_features(a.visual), open_features(a.audio), Path(a.out_dir),
-              dtype=a.dtype)
+    export_h5(manifest, open_features(a.visual), open_features(a.audio), Path(a.out_dir), dtype=a.dtype)
     return 0
+
+
+def args_import_h5(s):
+    s.add_argument("--h5-dir", required=True, help="folder of the released AVE h5 files")
+    s.add_argument("--index", required=True, help="index.parquet of the AVE annotations")
+    s.add_argument("--out-dir", required=True, help="folder for the stores")
 
 
 def cmd_import_h5(a) -> int:
@@ -165,28 +291,74 @@ def cmd_import_h5(a) -> int:
 
     from avepipe.interop import import_h5
 
-    index = pd.read_parquet(a.index)
-    import_h5(Path(a.h5_dir), index, Path(a.out_dir))
+    import_h5(Path(a.h5_dir), pd.read_parquet(a.index), Path(a.out_dir))
     return 0
 
 
 # --------------------------------------------------------------------------- training
+def args_finetune(s):
+    s.add_argument("--manifest", required=True, help="manifest.parquet")
+    s.add_argument("--decoded", nargs="+", required=True, help="decoded shard stores (frames, waveforms)")
+    s.add_argument("--partner-store", nargs="*", default=[],
+                   help="the frozen partner's feature shards (side visual: the audio store; audio: the visual store)")
+    s.add_argument("--base-weights", action="append", metavar="ENCODER=WEIGHTS",
+                   help="starting weights of each trained encoder (default: its official weights); repeatable")
+    O.add_arguments(s, O.FinetuneOptions)
+    s.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffles and frame picks")
+    s.add_argument("--threads", type=int, help="torch threads")
+    s.add_argument("--out-dir", required=True, help="output folder")
+
+
 def cmd_finetune(a) -> int:
-    from avepipe.finetune import finetune_from_cli
+    from avepipe.training import finetune
 
     _threads(a.threads)
-    return finetune_from_cli(a)
+    opts = O.from_args(O.FinetuneOptions, a)
+    finetune.run(a.manifest, a.decoded, a.partner_store, a.out_dir, opts,
+                 base_weights={k: str(v) for k, v in _kv(a.base_weights, "--base-weights").items()},
+                 seed=a.seed, config=_config_of(a))
+    return 0
+
+
+def args_train(s):
+    s.add_argument("--manifest", required=True, help="manifest.parquet")
+    s.add_argument("--head", required=True, help="head name (cace_net, ccln, event_memory, avel, ..., dense)")
+    s.add_argument("--setting", default="full", choices=["full", "weak", "cml"], help="supervision setting")
+    s.add_argument("--seed", type=int, default=0, help="training seed")
+    s.add_argument("--visual", nargs="+", required=True, help="visual feature shards")
+    s.add_argument("--audio", nargs="+", required=True, help="audio feature shards")
+    s.add_argument("--features-name", default="", help="the feature pair's name, for provenance")
+    O.add_arguments(s, O.TrainOptions)
+    O.add_arguments(s, O.HeadOptions)
+    O.add_arguments(s, O.EvaluateOptions)
+    s.add_argument("--threads", type=int, help="torch threads")
+    s.add_argument("--out-dir", required=True, help="output folder")
 
 
 def cmd_train(a) -> int:
+    import importlib
+
+    from avepipe import heads
+
+    head = a.head.partition("@")[0]  # "<head>@<variant>": a variant's folder name
+    entry = heads.entry(head)
+    if a.setting not in heads.settings(head):
+        from avepipe.config import ConfigError
+
+        raise ConfigError(f"head {head!r} supports settings {list(heads.settings(head))}, not {a.setting!r}")
     _threads(a.threads)
-    if a.format == "unav100":
-        from avepipe.dense_train import train_dense_from_cli
+    trainer = importlib.import_module(f"avepipe.training.{entry.trainer}")
+    trainer.run(a.manifest, a.visual, a.audio, a.out_dir, head=head, setting=a.setting, seed=a.seed,
+                train=O.from_args(O.TrainOptions, a), head_opts=O.from_args(O.HeadOptions, a),
+                evaluate=O.from_args(O.EvaluateOptions, a), features_name=a.features_name,
+                config=_config_of(a))
+    return 0
 
-        return train_dense_from_cli(a)
-    from avepipe.train import train_from_cli
 
-    return train_from_cli(a)
+def args_summarize(s):
+    s.add_argument("--run", required=True, help="run name")
+    s.add_argument("--out-dir", required=True, help="run folder")
+    s.add_argument("metrics", nargs="*", help="metrics.json of every head run")
 
 
 def cmd_summarize(a) -> int:
@@ -196,167 +368,64 @@ def cmd_summarize(a) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
+# =========================================================================== parser
+COMMANDS = {
+    # name: (help, add-arguments, run)
+    "validate-config": ("validate config files against the schema", args_validate_config, cmd_validate_config),
+    "schema": ("print (or --write / --check) the config schema generated from the registries",
+               args_schema, cmd_schema),
+    "synth": ("generate a synthetic dataset in the real AVE / UnAV-100 layout", args_synth, cmd_synth),
+    "dataset": ("parse a dataset in the real layout and print statistics", args_dataset, cmd_dataset),
+    "index": ("build the sample index (one row per sample, shard assigned)", args_index, cmd_index),
+    "decode": ("decode one shard of videos (audio per rate, frame sample)", args_decode, cmd_decode),
+    "decode-report": ("merge decoded shards into the manifest and report", args_decode_report, cmd_decode_report),
+    "extract": ("extract one encoder's features for one decoded shard", args_extract, cmd_extract),
+    "inspect": ("print shape, dtype, chunks, provenance and failed videos of stores", args_inspect, cmd_inspect),
+    "verify": ("read every chunk of stores; exit 1 naming each damaged store, array and chunk",
+               args_verify, cmd_verify),
+    "export-h5": ("write the legacy AVE h5 layout (CMBS/PSP/CACE-Net scripts)", args_export_h5, cmd_export_h5),
+    "import-h5": ("turn the released AVE h5 features into avepipe stores", args_import_h5, cmd_import_h5),
+    "finetune": ("InfoNCE audio-visual fine-tuning of an encoder (or of both)", args_finetune, cmd_finetune),
+    "train": ("train and evaluate one localization head", args_train, cmd_train),
+    "summarize": ("aggregate head metrics into summary.json / summary.md / plots", args_summarize, cmd_summarize),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, just that subcommand gets its arguments (fast start)."""
     p = argparse.ArgumentParser(prog="avepipe", description=__doc__.splitlines()[0])
-    p.add_argument("--verbose", "-v", action="store_true")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name, fn, help):
-        sp = sub.add_parser(name, help=help, description=help)
+    for name, (help_, add, fn) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
         sp.set_defaults(fn=fn)
-        return sp
-
-    s = add("validate-config", cmd_validate_config, "validate config files against the schema")
-    s.add_argument("configs", nargs="+")
-
-    s = add("synth", cmd_synth, "generate a synthetic dataset in the real AVE / UnAV-100 layout")
-    s.add_argument("--format", choices=["ave", "unav100"], required=True)
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--videos", type=int, required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--classes", type=int, default=4)
-    s.add_argument("--durations", type=float, nargs=2, default=(20.0, 60.0), metavar=("MIN", "MAX"),
-                   help="UnAV-100 video durations in seconds")
-    s.add_argument("--summary", help="write a JSON summary here")
-    s.add_argument("--no-progress", action="store_true")
-
-    s = add("dataset", cmd_dataset, "parse a dataset in the real layout and print statistics")
-    s.add_argument("--format", choices=["ave", "unav100"], required=True)
-    s.add_argument("--root", required=True)
-    s.add_argument("--json", action="store_true")
-
-    s = add("index", cmd_index, "build the sample index (one row per sample, shard assigned)")
-    s.add_argument("--format", choices=["ave", "unav100"], required=True)
-    s.add_argument("--root", required=True)
-    s.add_argument("--shards", type=int, required=True)
-    s.add_argument("--on-error", choices=["skip", "fail"], default="skip")
-    s.add_argument("--out", required=True)
-    s.add_argument("--problems", required=True)
-
-    s = add("decode", cmd_decode, "decode one shard of videos (audio per rate, frame sample)")
-    s.add_argument("--index", required=True)
-    s.add_argument("--shard", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--n-segments", type=int, default=10, help="0 = whole seconds of each video")
-    s.add_argument("--rates", default="16000,32000")
-    s.add_argument("--sample-frames", type=int, default=1)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--on-error", choices=["skip", "fail"], default="skip")
-    s.add_argument("--no-progress", action="store_true")
-
-    s = add("decode-report", cmd_decode_report, "merge decoded shards into the manifest and report")
-    s.add_argument("--index", required=True)
-    s.add_argument("--problems")
-    s.add_argument("--out-dir", required=True)
-    s.add_argument("shards", nargs="+")
-
-    s = add("extract", cmd_extract, "extract one encoder's features for one decoded shard")
-    s.add_argument("--decoded", required=True)
-    s.add_argument("--index", required=True)
-    s.add_argument("--encoder", required=True, choices=["vgg19", "resnet50", "vggish", "cnn14"])
-    s.add_argument("--weights", default="random")
-    s.add_argument("--frames-per-segment", type=int, default=16)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--num-workers", type=int, default=1)
-    s.add_argument("--dtype", default="float16")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--window", type=float)
-    s.add_argument("--hop", type=float)
-    s.add_argument("--opt", action="append", help="encoder option key=value (preprocessing, pooled, pca)")
-    s.add_argument("--threads", type=int)
-    s.add_argument("--out", required=True)
-    s.add_argument("--no-progress", action="store_true")
-
-    s = add("inspect", cmd_inspect, "print shape, dtype, chunks, provenance and failed videos of stores")
-    s.add_argument("stores", nargs="+")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--out")
-
-    s = add("export-h5", cmd_export_h5, "write the legacy AVE h5 layout (CMBS/PSP/CACE-Net scripts)")
-    s.add_argument("--manifest", required=True)
-    s.add_argument("--visual", nargs="+", required=True)
-    s.add_argument("--audio", nargs="+", required=True)
-    s.add_argument("--out-dir", required=True)
-    s.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-
-    s = add("import-h5", cmd_import_h5, "turn the released AVE h5 features into avepipe stores")
-    s.add_argument("--h5-dir", required=True)
-    s.add_argument("--index", required=True)
-    s.add_argument("--out-dir", required=True)
-
-    s = add("finetune", cmd_finetune, "InfoNCE audio-visual fine-tuning of an encoder (or of both)")
-    s.add_argument("--manifest", required=True)
-    s.add_argument("--encoder", required=True, help="the trained encoder (side both: the visual one)")
-    s.add_argument("--base-weights", default="random")
-    s.add_argument("--side", choices=["visual", "audio", "both"], default="visual")
-    s.add_argument("--audio-encoder", help="side both: the audio encoder trained with --encoder")
-    s.add_argument("--audio-base-weights", default="random", help="side both: its base weights")
-    s.add_argument("--temperature", type=float, default=0.2)
-    s.add_argument("--epochs", type=int, default=50)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--momentum", type=float, default=0.9)
-    s.add_argument("--weight-decay", type=float, default=1e-4)
-    s.add_argument("--milestones", default="15,30")
-    s.add_argument("--batch-size", type=int, default=128)
-    s.add_argument("--proj-dim", type=int, default=128)
-    s.add_argument("--trainable", default="all")
-    s.add_argument("--include-val", action="store_true")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--partner-store", "--audio-store", dest="partner_store", nargs="+", default=[],
-                   help="the frozen partner's feature shards (side visual: audio store; audio: visual store)")
-    s.add_argument("--decoded", nargs="+", required=True)
-    s.add_argument("--out-dir", required=True)
-    s.add_argument("--no-progress", action="store_true")
-
-    s = add("train", cmd_train, "train and evaluate one localization head")
-    s.add_argument("--format", choices=["ave", "unav100"], default="ave")
-    s.add_argument("--manifest", required=True)
-    s.add_argument("--head", required=True)
-    s.add_argument("--setting", default="full", choices=["full", "weak", "cml"])
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--epochs", type=int)
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--lr", type=float)
-    s.add_argument("--hparam", action="append", help="head hyperparameter key=value")
-    s.add_argument("--eval", action="append", help="evaluation setting key=value")
-    s.add_argument("--select-on", choices=["val", "test"], default="val")
-    s.add_argument("--normalize", choices=["none", "standardize"], default="none",
-                   help="z-score features with train-split statistics (demo: random weights)")
-    s.add_argument("--precision", choices=["float32", "bf16"], default="float32",
-                   help="bf16: autocast, ~2x faster on CPUs with AMX/AVX512-BF16 and on GPUs")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--threads", type=int)
-    s.add_argument("--visual", nargs="+", required=True)
-    s.add_argument("--audio-features", nargs="+", required=True)
-    s.add_argument("--features-name", default="")
-    s.add_argument("--out-dir", required=True)
-    s.add_argument("--no-progress", action="store_true")
-
-    s = add("summarize", cmd_summarize, "aggregate head metrics into summary.json / summary.md / plots")
-    s.add_argument("--run", required=True)
-    s.add_argument("--out-dir", required=True)
-    s.add_argument("metrics", nargs="*")
+        if only in (None, name):
+            add(sp)
     return p
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    return any(c.__name__ in USER_ERRORS for c in type(exc).__mro__)
 
 
 def main(argv: list[str] | None = None) -> int:
     # Large tensors on transparent huge pages (read by torch's CPU allocator at its first
-    # allocation, so before torch is imported): a fresh 64 MB activation then faults in 32
-    # pages instead of 16,384; elementwise passes over the heads' maps run ~1.5-2x faster.
+    # allocation, so before torch is imported): fresh activations then fault in 2 MB pages,
+    # which makes elementwise passes over the heads' maps much cheaper.
     # THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    only = next((x for x in argv if x in COMMANDS), None)
+    args = build_parser(only).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from avepipe.config import ConfigError
-
     try:
         return int(args.fn(args) or 0)
-    except ConfigError as exc:
-        print(f"avepipe: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - user errors get one line, bugs a traceback
+        if os.environ.get("AVEPIPE_DEBUG") == "1" or not _is_user_error(exc):
+            raise
+        msg = str(exc).strip() or type(exc).__name__
+        print(f"avepipe {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

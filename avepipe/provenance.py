@@ -19,78 +19,94 @@ from typing import Any
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
-_ENCODER_FILES = ["encoders/__init__.py", "encoders/weights.py"]
-_EXTRACT_FILES = ["extract.py", "store.py", "media.py", "provenance.py", "devices.py", *_ENCODER_FILES]
-
-# Source files (relative to the package) each stage's output depends on. Editing any of
-# them changes the fingerprint, so stale outputs are recognisable.
-STAGE_MODULES: dict[str, list[str]] = {
-    "decode": ["media.py", "decode.py"],
-    "extract:vgg19": [*_EXTRACT_FILES, "encoders/vgg19.py"],
-    "extract:resnet50": [*_EXTRACT_FILES, "encoders/resnet50.py"],
-    "extract:vggish": [*_EXTRACT_FILES, "encoders/vggish.py"],
-    "extract:cnn14": [*_EXTRACT_FILES, "encoders/cnn14.py"],
-    "import_h5": ["interop.py", "store.py", "provenance.py"],
-    "export_h5": ["interop.py", "store.py", "datasets/labels.py"],
-    "finetune": ["finetune.py", "finetune_data.py", "extract.py", "store.py", "devices.py", *_ENCODER_FILES],
-    "train": ["train.py", "store.py", "devices.py", "datasets/labels.py"],
-    "evaluate": ["metrics.py", "train.py"],
-    "unav": ["datasets/unav100.py", "heads/dense.py", "metrics.py", "train.py"],
-    # workflow-level stages (the Snakemake rules' code params)
-    "synth": ["datasets/synthetic.py", "datasets/writer.py", "datasets/ave.py", "datasets/unav100.py"],
-    "index": ["datasets/index.py", "datasets/ave.py", "datasets/unav100.py", "datasets/labels.py"],
-    "decode_report": ["decode.py", "report.py"],
+# The entry modules of each stage (package-relative). A stage's code is its entry modules
+# plus every avepipe module they import, transitively (read statically from the source, lazy
+# imports inside functions included), so editing a shared module such as store.py reruns
+# exactly the stages that use it, and no hand-kept file list can go stale.
+STAGE_ENTRIES: dict[str, list[str]] = {
+    "synth": ["datasets/synthetic.py"],
+    "index": ["datasets/index.py"],
+    "decode": ["decode.py"],
+    "decode_report": ["decode.py", "decode_report.py"],
     "store": ["store.py"],
-    "report": ["summary.py"],
+    "finetune": ["training/finetune.py"],
+    "import_h5": ["interop.py"],
+    "export_h5": ["interop.py"],
+    "summary": ["summary.py"],
 }
-# heads that share one module file
-_HEAD_FILES = {"avel": "baselines", "audio_only": "baselines", "visual_only": "baselines"}
-# heads:<name> -> the head's own module plus the shared training loop.
-_HEAD_COMMON = ["heads/__init__.py", "train.py", "store.py", "devices.py"]
-
-_VERSION_PACKAGES = ("torch", "torchvision", "torchaudio", "av", "zarr", "numpy")
 
 
-def _head_modules(rel: str) -> list[str]:
-    """``rel`` and the sibling head modules it imports, transitively (``from . import x``,
-    ``from .x import``, ``from avepipe.heads.x import``): editing a shared piece such as
-    ``heads/dropout.py`` reruns exactly the heads that use it."""
+def _imports(rel: str) -> list[str]:
+    """Package-relative files of the avepipe modules that ``rel`` imports (any depth in the file)."""
     import ast
 
-    out, todo = [], [rel]
-    while todo:
-        cur = todo.pop()
-        if cur in out or not (PACKAGE_DIR / cur).is_file():
-            continue
-        out.append(cur)
-        for node in ast.walk(ast.parse((PACKAGE_DIR / cur).read_text())):
-            if not isinstance(node, ast.ImportFrom):
+    path = PACKAGE_DIR / rel
+    if not path.is_file():
+        return []
+    pkg = rel.rsplit("/", 1)[0] if "/" in rel else ""
+    mods: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            mods += [a.name for a in node.names if a.name.startswith("avepipe.")]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from the file's package
+                parts = pkg.split("/") if pkg else []
+                parts = parts[: len(parts) - (node.level - 1)] if node.level > 1 else parts
+                base = ".".join(["avepipe", *parts, *([node.module] if node.module else [])])
+            elif (node.module or "").split(".")[0] == "avepipe":
+                base = node.module
+            else:
                 continue
-            mod = node.module or ""
-            if node.level == 1 or mod.startswith("avepipe.heads"):
-                base = mod.removeprefix("avepipe.heads").lstrip(".")
-                names = [base] if base else [a.name for a in node.names]
-                todo += [f"heads/{n.split('.')[0]}.py" for n in names]
+            mods.append(base)
+            mods += [f"{base}.{a.name}" for a in node.names]  # `from avepipe.x import submodule`
+    out = []
+    for m in mods:
+        stem = m.removeprefix("avepipe").lstrip(".").replace(".", "/")
+        for cand in (f"{stem}.py", f"{stem}/__init__.py" if stem else "__init__.py"):
+            if (PACKAGE_DIR / cand).is_file():
+                out.append(cand)
+                break
     return out
 
 
+def _closure(entries: list[str]) -> list[str]:
+    seen: list[str] = []
+    todo = list(entries)
+    while todo:
+        cur = todo.pop()
+        if cur in seen:
+            continue
+        seen.append(cur)
+        todo += _imports(cur)
+    return sorted(seen)
+
+
 def stage_files(stage: str) -> list[str]:
-    """Package-relative source files of ``stage``; raises ``KeyError`` for unknown stages."""
-    if stage in STAGE_MODULES:
-        return list(STAGE_MODULES[stage])
-    if stage.startswith("heads:") and stage[len("heads:"):]:
-        name = stage[len("heads:"):]
-        if name == "dense":
-            return [*_HEAD_COMMON, "heads/dense.py", "dense_train.py", "metrics.py"]
-        return [*_HEAD_COMMON, *_head_modules(f"heads/{_HEAD_FILES.get(name, name)}.py")]
-    if stage.startswith("extract:") and stage.endswith("_ft"):
-        # A fine-tuned encoder runs the same code as its base plus finetune.py.
-        return [*stage_files(stage[: -len("_ft")]), "finetune.py"]
-    if stage.startswith("extract:") and (PACKAGE_DIR / "encoders" / f"{stage[8:]}.py").is_file():
-        # an encoder added later as one file in avepipe/encoders/ needs no edit here
-        return [*_EXTRACT_FILES, f"encoders/{stage[8:]}.py"]
-    known = ", ".join(sorted(STAGE_MODULES)) + ", heads:<name>"
-    raise KeyError(f"unknown stage {stage!r}; known: {known}")
+    """Package-relative source files of ``stage``; raises ``KeyError`` for unknown stages.
+
+    Stages: the keys of STAGE_ENTRIES, ``extract:<encoder>`` (``_ft``: the fine-tuned
+    encoder, plus the fine-tuning code) and ``heads:<head>`` (its module and its trainer).
+    """
+    kind, _, name = stage.partition(":")
+    if stage in STAGE_ENTRIES:
+        entries = list(STAGE_ENTRIES[stage])
+    elif kind == "extract" and name:
+        base = name.removesuffix("_ft")
+        if not (PACKAGE_DIR / "encoders" / f"{base}.py").is_file():
+            raise KeyError(f"unknown stage {stage!r}: no avepipe/encoders/{base}.py")
+        entries = ["extract.py", f"encoders/{base}.py"] + (STAGE_ENTRIES["finetune"] if name.endswith("_ft") else [])
+    elif kind == "heads" and name:
+        import importlib
+
+        heads = importlib.import_module("avepipe.heads")  # dynamic: the registry is not decode's code
+        try:
+            entries = [heads.module_file(name), f"training/{heads.entry(name).trainer}.py"]
+        except KeyError as e:
+            raise KeyError(f"unknown stage {stage!r}: {e.args[0]}") from None
+    else:
+        known = ", ".join(sorted(STAGE_ENTRIES)) + ", extract:<encoder>, heads:<head>"
+        raise KeyError(f"unknown stage {stage!r}; known: {known}")
+    return _closure(entries)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -12,7 +12,7 @@ import zarr
 
 import media_cases as mc
 from avepipe import decode, media
-from avepipe.report import decode_report
+from avepipe.decode_report import decode_report
 
 RATES = [16000, 32000]
 FPS = 8.0

@@ -37,19 +37,22 @@ def parse_dry_run(text: str) -> list[tuple[str, dict[str, str], int]]:
     return jobs
 
 
-def _start_dry_run(*args: str) -> subprocess.Popen:
+def _start_dry_run(cwd: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "snakemake", "-n", "--forceall", "--cores", str(CORES), *args],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "-n", "--forceall",
+         "--cores", str(CORES), *args],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
 
 @pytest.fixture(scope="module")
-def dry_runs() -> dict[str, list[tuple[str, dict[str, str], int]]]:
-    """Both profiles' dry runs, started together (each is mostly start-up time)."""
+def dry_runs(tmp_path_factory) -> dict[str, list[tuple[str, dict[str, str], int]]]:
+    """Both profiles' dry runs, started together (each is mostly start-up time), each in its
+    own working directory (never the checkout's results/)."""
     procs = {
-        "slurm": _start_dry_run("--profile", str(PROFILES / "slurm"), "--executor", "dryrun"),
-        "local": _start_dry_run("--profile", str(PROFILES / "local")),
+        "slurm": _start_dry_run(tmp_path_factory.mktemp("slurm"), "--profile", str(PROFILES / "slurm"),
+                                "--executor", "dryrun"),
+        "local": _start_dry_run(tmp_path_factory.mktemp("local"), "--profile", str(PROFILES / "local")),
     }
     out = {}
     for name, p in procs.items():

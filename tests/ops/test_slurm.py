@@ -109,10 +109,11 @@ def _test_profile(src: dict, partition: str, cpus: int, mem_mb: int, logdir: Pat
     return prof
 
 
-def _snakemake(args: list[str], log: Path) -> float:
+def _snakemake(args: list[str], log: Path, cwd: Path) -> float:
     t0 = time.monotonic()
     with open(log, "w") as fh:
-        p = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=REPO, stdout=fh,
+        p = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *args],
+                           cwd=cwd, stdout=fh,
                            stderr=subprocess.STDOUT, timeout=1800)
     text = log.read_text()
     assert p.returncode == 0, f"snakemake {' '.join(args)} failed:\n{text[-6000:]}"
@@ -183,16 +184,19 @@ def test_slurm_profile_runs_pipeline_like_local(tmp_path):
     prof = _test_profile(yaml.safe_load(PROFILE.read_text()), PARTITION, cpus, mem_mb, logdir)
     (prof_dir / "config.yaml").write_text(yaml.safe_dump(prof))
 
-    results = REPO / "results" / run
+    work = tmp_path / "work"  # the working directory of both runs (never the checkout's results/)
+    work.mkdir()
+    results = work / "results" / run
     local = tmp_path / "local"
     try:
         # the profile's set-threads locally too: thread counts change float reduction order
         threads = [f"{r}={n}" for r, n in prof["set-threads"].items()]
-        t_local = _snakemake([*targets, "--profile", "workflow/profiles/local", "--cores", str(cpus),
-                              "--set-threads", *threads, "--configfile", str(cfg_path)], tmp_path / "local.log")
+        t_local = _snakemake([*targets, "--profile", str(REPO / "workflow/profiles/local"), "--cores", str(cpus),
+                              "--set-threads", *threads, "--configfile", str(cfg_path)], tmp_path / "local.log",
+                             work)
         shutil.move(str(results), local)
         t_slurm = _snakemake([*targets, "--profile", str(prof_dir), "--configfile", str(cfg_path)],
-                             tmp_path / "slurm.log")
+                             tmp_path / "slurm.log", work)
 
         # --- every job went through SLURM, with the profile's resources --------------------
         text = (tmp_path / "slurm.log").read_text()

@@ -1,31 +1,16 @@
 """Snakemake plans: the demo DAG, `ave.yaml` / `unav100.yaml` on real-layout roots, config errors."""
+import json
 import re
-import subprocess
-import sys
-from pathlib import Path
+import shlex
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+from .smk import REPO, commands, dry_run, job_counts, run
 
 
-def dry_run(*args, cwd=REPO) -> tuple[int, str]:
-    r = subprocess.run([*SNAKEMAKE, "-n", "--cores", "2", "--quiet", "rules", *args], cwd=cwd,
-                       capture_output=True, text=True, timeout=300)
-    return r.returncode, r.stdout + r.stderr
-
-
-def job_counts(text: str) -> dict[str, int]:
-    counts = {}
-    for m in re.finditer(r"^(\w+)\s+(\d+)$", text, re.M):
-        counts[m.group(1)] = int(m.group(2))
-    return counts
-
-
-def test_demo_plans_every_stage():
-    rc, out = dry_run()
+def test_demo_plans_every_stage(tmp_path):
+    rc, out = dry_run(cwd=tmp_path)
     assert rc == 0, out
     c = job_counts(out)
     assert c["synth"] == 2 and c["index"] == 2
@@ -53,7 +38,7 @@ def test_ave_config_plans_one_decode_job_per_shard(tmp_path):
     root = tmp_path / "AVE_Dataset"
     make_ave(root, videos=6, seed=3, classes=3)
     cfg = _config(tmp_path, "ave.yaml", data__root=str(root), decode__shards=5)
-    rc, out = dry_run("--configfile", str(cfg))
+    rc, out = dry_run("--configfile", str(cfg), cwd=tmp_path)
     assert rc == 0, out
     c = job_counts(out)
     assert c["decode"] == 5
@@ -69,7 +54,7 @@ def test_unav_config_plans_full_dataset(tmp_path):
         pytest.skip("../shared absent")
     (root / "annotations" / "unav100_annotations.json").write_text(shared.read_text())
     cfg = _config(tmp_path, "unav100.yaml", data__root=str(root))
-    rc, out = dry_run("--configfile", str(cfg))
+    rc, out = dry_run("--configfile", str(cfg), cwd=tmp_path)
     assert rc == 0, out
     c = job_counts(out)
     assert c["decode"] == 64 and c["extract"] == 128 and c["train"] == 1
@@ -77,35 +62,29 @@ def test_unav_config_plans_full_dataset(tmp_path):
 
 def test_config_error_stops_before_any_job(tmp_path):
     cfg = _config(tmp_path, "ave.yaml", decode__shards="many")
-    rc, out = dry_run("--configfile", str(cfg))
+    rc, out = dry_run("--configfile", str(cfg), cwd=tmp_path)
     assert rc != 0
     assert "decode.shards = 'many'" in out
 
 
-def test_list_and_string_hparams_reach_the_cli_intact():
+def test_list_and_string_hparams_reach_the_cli_intact(tmp_path):
     # the demo's event_memory sets a list hparam; shell word-splitting must not break it
-    import shlex
-
-    from avepipe.cli import _kv
-
     target = "results/demo/heads/event_memory/vgg19+vggish/full/seed0/metrics.json"
-    r = subprocess.run([*SNAKEMAKE, "-n", "-p", "--forceall", "--cores", "2", target], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    cmd = next(line for line in r.stdout.splitlines() if "avepipe train" in line and "event_memory" in line)
-    words = shlex.split(cmd.split("avepipe train", 1)[1].split(">")[0])
-    hp = _kv([words[i + 1] for i, w in enumerate(words) if w == "--hparam"])
+    rc, out = run("-n", "-p", "--forceall", "--cores", "2", target, cwd=tmp_path, timeout=300)
+    assert rc == 0, out
+    cmd = next(c for c in commands(out, "train") if "event_memory" in c)
+    words = shlex.split(cmd.split("avepipe train", 1)[1].split(" > ")[0])
+    hp = json.loads(next(w.split("=", 1)[1] for w in words if w.startswith("--hparams=")))
     cfg = yaml.safe_load((REPO / "workflow/config/demo.yaml").read_text())
     assert hp == cfg["heads"]["event_memory"]["hparams"] and isinstance(hp["lambdas"], list)
     # train.precision reaches the command (schema default float32)
-    assert words[words.index("--precision") + 1] == cfg["train"].get("precision", "float32")
+    assert f"--precision={cfg['train'].get('precision', 'float32')}" in words
 
 
-def test_demo_schedules_the_finetuning_path_first_with_one_thread_extraction():
-    r = subprocess.run([*SNAKEMAKE, "-n", "-F", "--cores", "2"], cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    jobs = [b for b in re.split(r"\n(?=(?:local)?rule \w+:)", r.stdout) if re.match(r"(?:local)?rule \w+:", b)]
+def test_demo_schedules_the_finetuning_path_first_with_one_thread_extraction(tmp_path):
+    rc, out = run("-n", "-F", "--cores", "2", cwd=tmp_path, timeout=300)
+    assert rc == 0, out
+    jobs = [b for b in re.split(r"\n(?=(?:local)?rule \w+:)", out) if re.match(r"(?:local)?rule \w+:", b)]
     prio = {re.search(r"wildcards: (.*)", b).group(1): int(re.search(r"priority: (\d+)", b).group(1))
             for b in jobs if "priority:" in b}
     # demo: side visual with cnn14 as the frozen partner -> cnn14 stores and the resnet50_ft re-extraction

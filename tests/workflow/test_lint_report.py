@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from .test_reruns import REPO, SNAKEMAKE, snakemake, tiny_run
+from .smk import REPO, SNAKEMAKE
+from .test_reruns import snakemake, tiny_run
 
 RULES_CALLING_AVEPIPE = {"synth", "index", "decode", "decode_report", "extract", "store_summary",
                          "finetune", "finetune_both", "train", "summary"}
 
 
-def test_lint_is_clean():
-    r = subprocess.run([*SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True, timeout=300)
+def test_lint_is_clean(tmp_path):
+    r = subprocess.run([*SNAKEMAKE, "--lint"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-6000:]
     assert "Lints for" not in out and "Congratulations" in out, out[-6000:]
@@ -36,7 +37,7 @@ def test_report_has_every_stage_with_captions(request, tmp_path):
     tiny = tiny_run(request)
     run, res = tiny["run"], tiny["results"]
     out = res / "report.html"
-    rc, log = snakemake("--report", str(out.relative_to(REPO)), config=tiny["config"])
+    rc, log = snakemake("--report", str(out.relative_to(tiny["dir"])), tiny=tiny)
     assert rc == 0, log[-4000:]
     html = out.read_text()
     results, categories = _report_data(html, "results"), _report_data(html, "categories")
@@ -69,9 +70,9 @@ from snakemake.settings.types import (ConfigSettings, DeploymentMethod, Deployme
                                       ResourceSettings)
 from snakemake.shell import shell
 
-methods = frozenset([DeploymentMethod[m.upper()] for m in sys.argv[1:]])
+methods = frozenset([DeploymentMethod[m.upper()] for m in sys.argv[2:]])
 with SnakemakeApi(OutputSettings()) as api:
-    wf = api.workflow(snakefile=Path("Snakefile"), resource_settings=ResourceSettings(cores=1),
+    wf = api.workflow(snakefile=Path(sys.argv[1]), resource_settings=ResourceSettings(cores=1),
                       config_settings=ConfigSettings(),
                       deployment_settings=DeploymentSettings(deployment_method=methods))
     w = wf._workflow  # parses the Snakefile
@@ -81,9 +82,9 @@ with SnakemakeApi(OutputSettings()) as api:
 """
 
 
-def _parsed(*methods: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", _PREFIX, *methods], cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
+def _parsed(tmp_path: Path, *methods: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", _PREFIX, str(REPO / "Snakefile"), *methods], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return json.loads(r.stdout.split("@@", 1)[1])
 
@@ -96,7 +97,7 @@ def _run_prefix(prefix: str, tmp_path: Path, path: str) -> subprocess.CompletedP
 
 
 def test_rules_run_avepipe_from_the_host_interpreter(tmp_path):
-    p = _parsed()
+    p = _parsed(tmp_path)
     assert sys.executable in p["prefix"] and "PYTHONPATH" not in p["prefix"]
     assert set(p["envs"]) == RULES_CALLING_AVEPIPE  # every rule calls `avepipe`, none the interpreter
     r = _run_prefix(p["prefix"], tmp_path, "/usr/bin:/bin")  # no venv on PATH: still found
@@ -104,7 +105,7 @@ def test_rules_run_avepipe_from_the_host_interpreter(tmp_path):
 
 
 def test_conda_deployment_runs_avepipe_from_the_env_python(tmp_path):
-    p = _parsed("conda")
+    p = _parsed(tmp_path, "conda")
     assert sys.executable not in p["prefix"]
     assert f"PYTHONPATH={REPO}" in p["prefix"] and "python -m avepipe" in p["prefix"]
     # every rule has an env file that exists: GPU rules the CUDA env, the others the CPU env

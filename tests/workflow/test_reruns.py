@@ -2,8 +2,8 @@
 and each single-stage edit plans exactly that stage and its descendants.
 
 One tiny synthetic AVE-format run (5 videos, 1 shard, ResNet-50 + VGGish on random weights,
-1 fine-tuning epoch, AVEL for 2 epochs) is built once per pytest session under
-`results/<unique run>/` (~1.5-2 min on 2 shared cores) and removed at the end;
+1 fine-tuning epoch, AVEL for 2 epochs) is built once per pytest session in a temporary
+working directory (~1.5-2 min on 2 shared cores);
 `test_lint_report.py` renders its report. The only bytes allowed to differ between a
 run and its rebuild are the `created` timestamps of provenance records (the contract
 keeps them: docs/contracts.md) and the wall-clock timings in the training logs
@@ -13,20 +13,14 @@ benchmark timings are not results.
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import subprocess
-import sys
-import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "workflow" / "config" / "demo.yaml"
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+from . import smk
+from .smk import DEMO, job_counts
 # not results: Snakemake's own bookkeeping, logs and timings
 VOLATILE_PARTS = {"logs", "benchmarks", ".snakemake_timestamp", "report.html"}
 
@@ -50,29 +44,26 @@ def tiny_config(run: str) -> dict:
     return cfg
 
 
-def snakemake(*args: str, config: Path, env: dict | None = None, timeout: int = 900) -> tuple[int, str]:
-    # one stream: Snakemake prints the job-stats table and its heading to different ones
-    # targets/options first: --configfile and --quiet take several values
-    r = subprocess.run([*SNAKEMAKE, *args, "--cores", "2", "--configfile", str(config)], cwd=REPO,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    return r.returncode, r.stdout
+def snakemake(*args: str, tiny: dict, env: dict | None = None, timeout: int = 900) -> tuple[int, str]:
+    """Snakemake on the tiny run's config, in its working directory (targets/options first:
+    --configfile and --quiet take several values)."""
+    return smk.run(*args, "--cores", "2", "--configfile", str(tiny["config"]), cwd=tiny["dir"], env=env,
+                   timeout=timeout)
 
 
 def tiny_run(request: pytest.FixtureRequest) -> dict:
     """The complete tiny run, built once per session (shared with test_lint_report.py through
-    `request.config`) and removed when the session ends. Returns run, config path, results dir."""
+    `request.config`) in its own working directory. Returns run, config, results dir, dir."""
     cfg = request.config
     if not hasattr(cfg, "_avepipe_tiny_run"):
-        run = f"rrtest_{uuid.uuid4().hex[:8]}"
-        results = REPO / "results" / run
-        cfg.add_cleanup(lambda: shutil.rmtree(results, ignore_errors=True))
+        run = "tiny"
         base = request.getfixturevalue("tmp_path_factory").mktemp("tiny_run")
         path = base / "config.yaml"
         path.write_text(yaml.safe_dump(tiny_config(run)))
-        rc, out = snakemake(config=path)
+        tiny = {"run": run, "config": path, "results": base / "results" / run, "dir": base}
+        rc, out = snakemake(tiny=tiny)
         assert rc == 0, f"tiny run failed:\n{out[-6000:]}"
-        cfg._avepipe_tiny_run = {"run": run, "config": path, "results": results, "dir": base}
+        cfg._avepipe_tiny_run = tiny
     return cfg._avepipe_tiny_run
 
 
@@ -82,13 +73,6 @@ def tiny(request):
 
 
 # --- comparing runs -----------------------------------------------------------------------
-def job_counts(text: str) -> dict[str, int]:
-    """Jobs per rule from Snakemake's job-stats table (empty when nothing is to be done)."""
-    table = text.split("Job stats:", 1)[1] if "Job stats:" in text else ""
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)
-            if m.group(1) != "total"}
-
-
 def drop_created(obj):
     """JSON value without the provenance timestamps (`created` of each provenance record)."""
     if isinstance(obj, dict):
@@ -155,7 +139,7 @@ def test_job_counts_parses_job_stats():
 # --- end to end ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_second_run_does_nothing(tiny):
-    rc, out = snakemake(config=tiny["config"])
+    rc, out = snakemake(tiny=tiny)
     assert rc == 0, out[-4000:]
     assert "Nothing to be done" in out, out[-4000:]
     assert job_counts(out) == {}
@@ -174,16 +158,16 @@ def test_deleted_results_are_rebuilt_identically(tiny):
     shutil.rmtree(head)
 
     # head runs are targets of `all`; a feature shard is an intermediate, rebuilt when asked for
-    targets = [str(shard.relative_to(REPO)), "all"]
-    rc, plan = snakemake(*targets, "-n", "--quiet", "rules", config=tiny["config"])
+    targets = [str(shard.relative_to(tiny["dir"])), "all"]
+    rc, plan = snakemake(*targets, "-n", "--quiet", "rules", tiny=tiny)
     assert rc == 0, plan[-4000:]
     assert job_counts(plan) == {"extract": 1, "store_summary": 1, "train": 1, "summary": 1, "all": 1}, plan[-3000:]
 
-    rc, out = snakemake(*targets, config=tiny["config"])
+    rc, out = snakemake(*targets, tiny=tiny)
     assert rc == 0, out[-4000:]
     assert (shard / "zarr.json").is_file() and (head / "metrics.json").is_file()
     assert differences(before, res) == []
-    rc, out = snakemake("-n", config=tiny["config"])
+    rc, out = snakemake("-n", tiny=tiny)
     assert "Nothing to be done" in out, out[-3000:]
     # the zarr arrays themselves, not only their files
     import numpy as np
@@ -231,9 +215,8 @@ def test_single_stage_edits_plan_exactly_their_descendants(tiny):
     procs = {}
     for name, (edit, env, _) in EDITS.items():
         cfg = _edited(tiny, name, edit)
-        procs[name] = subprocess.Popen(
-            [*SNAKEMAKE, "-n", "--quiet", "rules", "--cores", "2", "--configfile", str(cfg)], cwd=REPO,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env})
+        procs[name] = smk.start("-n", "--quiet", "rules", "--cores", "2", "--configfile", str(cfg),
+                                cwd=tiny["dir"], env=env)
     plans = {}
     for name, p in procs.items():
         out, _ = p.communicate(timeout=600)

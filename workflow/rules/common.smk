@@ -1,6 +1,7 @@
 # Shared set-up: configuration (validated before any job), runs, targets, fingerprints,
 # the `avepipe` command the rules run, and the input/param functions of every rule file.
-import json
+# Every value that reaches a shell command is quoted: option flags through
+# avepipe.options.to_flags (shlex-quoted), paths and wildcards with Snakemake's `:q`.
 import os
 import shlex
 import sys
@@ -12,22 +13,41 @@ from snakemake.utils import validate, min_version
 min_version("9.0")
 
 import avepipe.config as apcfg
+from avepipe import options as O
 from avepipe.provenance import code_fingerprint
 
-# --configfile replaces the demo default instead of being merged into it.
-if not config:
+REPO = Path(workflow.basedir)
 
-    configfile: "workflow/config/demo.yaml"
+# The demo is the default config. `--config key=value` merges on top of it (or on top of the
+# `--configfile`, which replaces it), as Snakemake users expect.
+if not workflow.overwrite_configfiles:
+
+    configfile: str(REPO / "workflow" / "config" / "demo.yaml")
 
 
-# Named errors (key and value) from avepipe, then Snakemake's own validation of the same schema.
-apcfg.validate(config, "config")
-validate(config, "../schemas/config.schema.yaml")
+def _fail(exc):
+    # one line per problem, no traceback (AVEPIPE_DEBUG=1 shows it)
+    if os.environ.get("AVEPIPE_DEBUG") == "1":
+        raise exc
+    sys.stderr.write(f"avepipe: {exc}\n")
+    sys.exit(1)
 
-RUNS = {config["run"]: config}
-for _extra in config.get("also", []):
-    _c = apcfg.load_config(_extra)
-    RUNS[_c["run"]] = _c
+
+def _config_path(p):
+    """`also:` entries: relative to the working directory, else to the checkout."""
+    return p if Path(p).exists() or Path(p).is_absolute() else str(REPO / p)
+
+
+try:
+    apcfg.validate(config, "config")
+    RUNS = {config["run"]: config}
+    for _extra in config.get("also", []):
+        _c = apcfg.load_config(_config_path(_extra))
+        RUNS[_c["run"]] = _c
+except apcfg.ConfigError as _e:
+    _fail(_e)
+# Snakemake's own validation of the same (generated) schema
+validate(config, str(REPO / "avepipe" / "schemas" / "config.schema.yaml"))
 
 
 # --- the `avepipe` command ------------------------------------------------------------------
@@ -56,7 +76,7 @@ wildcard_constraints:
     run="[A-Za-z0-9_.-]+",
     shard=r"\d{3}",
     enc="[a-z0-9]+(_ft)?",
-    head="[a-z_]+",
+    head=r"[a-z_0-9]+(@[A-Za-z0-9_.-]+)?",
     features=r"[a-z0-9_]+\+[a-z0-9_]+",
     setting="full|weak|cml",
     seed=r"\d+",
@@ -73,19 +93,38 @@ def shards(run):
 
 def fingerprint(stage):
     # Snakemake does not track imported modules: a hash of the stage's source is a param,
-    # so editing one stage's code reruns that stage and its descendants (REFERENCE §8).
+    # so editing one stage's code reruns that stage and its descendants (docs/reference.md, Snakemake).
     return code_fingerprint(stage)
 
 
-def head_jobs(run):
+def flags(cls, section):
+    """Quoted `--key=value` flags of the options in ``section`` (a validated config section)."""
+    return O.to_flags(cls, section or {})
+
+
+def head_runs(run):
+    """(head[@variant], features, setting, seed) of every head job of ``run``."""
     cfg = RUNS[run]
     out = []
     for head, hc in cfg.get("heads", {}).items():
-        for feats in hc.get("features") or cfg.get("features", []):
-            for setting in hc.get("settings", ["full"]):
-                for seed in cfg["train"]["seeds"]:
-                    out.append((head, feats, setting, seed))
+        names = [head] + [f"{head}@{v}" for v in hc.get("variants", {})]
+        for name in names:
+            for feats in hc.get("features") or cfg.get("features", []):
+                for setting in hc.get("settings", ["full"]):
+                    for seed in cfg["train"]["seeds"]:
+                        out.append((name, feats, setting, seed))
     return out
+
+
+def head_section(w):
+    """`heads.<head>` with a variant's overrides applied (hparams merged)."""
+    base, _, variant = w.head.partition("@")
+    hc = dict(C(w)["heads"][base])
+    if variant:
+        over = hc["variants"][variant]
+        hc.update({k: v for k, v in over.items() if k != "hparams"})
+        hc["hparams"] = {**hc.get("hparams", {}), **over.get("hparams", {})}
+    return hc
 
 
 def all_targets():
@@ -96,7 +135,7 @@ def all_targets():
             t.append(f"results/{run}/features/{enc}/summary.json")
         if cfg.get("heads"):
             # each head run is a result in its own right (deleting one reruns it), the summary over them
-            t += [f"results/{run}/heads/{h}/{f}/{s}/seed{k}/metrics.json" for (h, f, s, k) in head_jobs(run)]
+            t += [f"results/{run}/heads/{h}/{f}/{s}/seed{k}/metrics.json" for (h, f, s, k) in head_runs(run)]
             t.append(f"results/{run}/summary.md")
     return t
 
@@ -112,6 +151,12 @@ def index_input(w):
         return str(root / "Annotations.txt")
     return str(root / "annotations" / "unav100_annotations.json")
 
+
+def synth_section(w):
+    syn = dict(C(w)["data"]["synthetic"])
+    if syn.get("seed") is None:
+        syn["seed"] = C(w)["seed"]
+    return syn
 
 
 # --- decode.smk -----------------------------------------------------------------------------
@@ -142,18 +187,15 @@ def extract_priority(w):
     return 10 if w.enc.endswith("_ft") or w.enc == partner else 0
 
 
-def enc_opt(key):
-    return lambda w: apcfg.encoder_settings(C(w), w.enc).get(key, "")
-
-
-def encoder_options(w):
-    opts = apcfg.encoder_settings(C(w), w.enc)
-    return kv_flags("--opt", {k: v for k, v in opts.items() if k in ("preprocessing", "pooled", "pca")})
-
-
-def window_arg(w):
+def extract_flags(w):
+    sec = apcfg.encoder_settings(C(w), w.enc)
+    if w.enc.endswith("_ft"):
+        sec["weights"] = extract_weights(w)
+    own = apcfg.encoder_options(C(w), w.enc)
+    opts = " ".join(f"--opt={shlex.quote(f'{k}={O._text(v)}')}" for k, v in sorted(own.items()))
     win = C(w).get("windows")
-    return f"--window {win['window']} --hop {win['hop']}" if win else ""
+    wins = f"--window={win['window']} --hop={win['hop']}" if win else ""
+    return " ".join(x for x in (flags(O.ExtractOptions, sec), opts, wins) if x)
 
 
 def encoder_shards(w, enc=None):
@@ -162,10 +204,6 @@ def encoder_shards(w, enc=None):
 
 
 # --- finetune.smk ---------------------------------------------------------------------------
-def ft_opt(key):
-    return lambda w: C(w)["finetune"][key]
-
-
 def ft_partner(w):
     """Rule `finetune`: the frozen partner's store (side visual: the audio encoder's, side
     audio: the visual encoder's); `{enc}` must be the encoder the side trains."""
@@ -176,36 +214,24 @@ def ft_partner(w):
     return encoder_shards(w, ft["audio"] if ft["side"] == "visual" else ft["encoder"])
 
 
+def finetune_flags(w):
+    cfg = C(w)
+    weights = {e: apcfg.encoder_settings(cfg, e)["weights"] for e in apcfg.trained_encoders(cfg)}
+    base = " ".join("--base-weights=" + shlex.quote(f"{e}={O._text(v)}") for e, v in weights.items())
+    return f"{flags(O.FinetuneOptions, cfg['finetune'])} {base} --seed={cfg['seed']}"
+
+
 # --- heads.smk ------------------------------------------------------------------------------
 def feature_shards(w, which):
     return encoder_shards(w, w.features.split("+")[0 if which == "visual" else 1])
 
 
-def head_opt(key, default=None):
-    def get(w):
-        return C(w)["heads"][w.head].get(key, default)
-
-    return get
-
-
-def kv_flags(flag, mapping):
-    """`--flag key=value ...`, shell-quoted; lists / mappings as JSON (the CLI reads values as YAML)."""
-    def text(v):
-        return json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
-
-    return " ".join(f"{flag} {shlex.quote(f'{k}={text(v)}')}" for k, v in sorted(mapping.items()))
+def train_flags(w):
+    cfg = C(w)
+    return " ".join((flags(O.TrainOptions, cfg["train"]), flags(O.HeadOptions, head_section(w)),
+                     flags(O.EvaluateOptions, cfg.get("evaluate", {}))))
 
 
-def head_flag(key, flag):
-    """`--flag value` when the head's config sets `key`, else nothing."""
-
-    def get(w):
-        v = C(w)["heads"][w.head].get(key)
-        return f"{flag} {v}" if v not in (None, "") else ""
-
-    return get
-
-
-# --- report.smk -----------------------------------------------------------------------------
+# --- summary.smk ----------------------------------------------------------------------------
 def head_metrics(w):
-    return [f"results/{w.run}/heads/{h}/{f}/{s}/seed{k}/metrics.json" for (h, f, s, k) in head_jobs(w.run)]
+    return [f"results/{w.run}/heads/{h}/{f}/{s}/seed{k}/metrics.json" for (h, f, s, k) in head_runs(w.run)]

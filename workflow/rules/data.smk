@@ -7,22 +7,15 @@ rule synth:
     params:
         format=lambda w: C(w)["data"]["format"],
         root=lambda w: C(w)["data"]["root"],
-        videos=lambda w: C(w)["data"]["synthetic"]["videos"],
-        classes=lambda w: C(w)["data"]["synthetic"].get("classes", 4),
-        seed=lambda w: C(w)["data"]["synthetic"].get("seed", C(w)["seed"]),
-        durations=lambda w: "{} {}".format(
-            C(w)["data"]["synthetic"].get("min_duration", 20),
-            C(w)["data"]["synthetic"].get("max_duration", 60),
-        ),
+        options=lambda w: flags(O.SynthOptions, synth_section(w)),
         code=fingerprint("synth"),
     log:
         "results/{run}/logs/synth.log",
     conda:
         CPU_ENV
     shell:
-        "avepipe synth --format {params.format} --out {params.root} --videos {params.videos}"
-        " --classes {params.classes} --seed {params.seed} --durations {params.durations}"
-        " --summary {output} --no-progress > {log} 2>&1"
+        "avepipe synth --format={params.format:q} --out={params.root:q} {params.options}"
+        " --summary={output:q} > {log:q} 2>&1"
 
 
 rule index:
@@ -32,15 +25,13 @@ rule index:
         index="results/{run}/index.parquet",
         problems="results/{run}/index_problems.json",
     params:
-        format=lambda w: C(w)["data"]["format"],
-        root=lambda w: C(w)["data"]["root"],
+        options=lambda w: flags(O.IndexOptions, C(w)["data"]),
         shards=lambda w: C(w)["decode"]["shards"],
-        on_error=lambda w: C(w)["data"]["on_error"],
         code=fingerprint("index"),
     log:
         "results/{run}/logs/index.log",
     conda:
         CPU_ENV
     shell:
-        "avepipe index --format {params.format} --root {params.root} --shards {params.shards}"
-        " --on-error {params.on_error} --out {output.index} --problems {output.problems} > {log} 2>&1"
+        "avepipe index {params.options} --shards={params.shards}"
+        " --out={output.index:q} --problems={output.problems:q} > {log:q} 2>&1"

@@ -8,13 +8,12 @@ rule decode:
     output:
         directory("results/{run}/decoded/shard-{shard}.zarr"),
     params:
-        n_segments=lambda w: C(w)["decode"]["n_segments"] or 0,
-        rates=lambda w: ",".join(map(str, apcfg.audio_rates(C(w)))) or "16000",
-        sample_frames=lambda w: C(w)["decode"]["sample_frames_per_segment"],
+        options=lambda w: flags(O.DecodeOptions, C(w)["decode"]),
+        rates=lambda w: " ".join(map(str, apcfg.audio_rates(C(w)))) or "16000",
         seed=lambda w: C(w)["seed"],
         on_error=lambda w: C(w)["data"]["on_error"],
         code=fingerprint("decode"),
-    threads: 1
+    threads: lambda w: C(w)["decode"]["threads"]
     resources:
         mem_mb=4000,
         runtime=120,
@@ -23,10 +22,9 @@ rule decode:
     conda:
         CPU_ENV
     shell:
-        "avepipe decode --index {input.index} --shard {wildcards.shard} --out {output}"
-        " --n-segments {params.n_segments} --rates {params.rates}"
-        " --sample-frames {params.sample_frames} --seed {params.seed} --on-error {params.on_error}"
-        " --no-progress > {log} 2>&1"
+        "avepipe decode --index={input.index:q} --shard={wildcards.shard} --out={output:q}"
+        " {params.options} --rates {params.rates} --seed={params.seed} --on-error={params.on_error}"
+        " > {log:q} 2>&1"
 
 
 rule decode_report:
@@ -47,5 +45,5 @@ rule decode_report:
     conda:
         CPU_ENV
     shell:
-        "avepipe decode-report --index {input.index} --problems {input.problems}"
-        " --out-dir {params.out_dir} {input.shards} > {log} 2>&1"
+        "avepipe decode-report --index={input.index:q} --problems={input.problems:q}"
+        " --out-dir={params.out_dir:q} {input.shards:q} > {log:q} 2>&1"

@@ -11,15 +11,9 @@ rule extract:
         directory("results/{run}/features/{enc}/shard-{shard}.zarr"),
     params:
         encoder=lambda w: w.enc.removesuffix("_ft"),
-        weights=lambda w: extract_weights(w) or apcfg.encoder_settings(C(w), w.enc)["weights"],
-        frames=enc_opt("frames_per_segment"),
-        batch=enc_opt("batch_size"),
-        workers=enc_opt("num_workers"),
-        dtype=enc_opt("dtype"),
-        options=encoder_options,
-        windows=window_arg,
+        options=extract_flags,
         code=lambda w: fingerprint(f"extract:{w.enc.removesuffix('_ft')}"),
-    threads: enc_opt("threads")
+    threads: lambda w: apcfg.encoder_settings(C(w), w.enc)["threads"]
     # the fine-tuning chain (its partner store, then the `_ft` re-extraction) is the longest
     # path of a run: start it first so heads and other encoders fill the remaining cores
     priority: extract_priority
@@ -34,10 +28,8 @@ rule extract:
     conda:
         GPU_ENV
     shell:
-        "avepipe extract --decoded {input.decoded} --index {input.index} --encoder {params.encoder}"
-        " --weights {params.weights} --frames-per-segment {params.frames} --batch-size {params.batch}"
-        " --num-workers {params.workers} --dtype {params.dtype} {params.options} {params.windows}"
-        " --threads {threads} --out {output} --no-progress > {log} 2>&1"
+        "avepipe extract --decoded={input.decoded:q} --index={input.index:q} --encoder={params.encoder}"
+        " {params.options} --out={output:q} > {log:q} 2>&1"
 
 
 rule store_summary:
@@ -58,4 +50,4 @@ rule store_summary:
     conda:
         CPU_ENV
     shell:
-        "avepipe inspect --json --out {output} {params.store} > {log} 2>&1"
+        "avepipe inspect --json --out={output:q} {params.store:q} > {log:q} 2>&1"

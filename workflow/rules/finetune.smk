@@ -2,6 +2,7 @@
 # the weights are saved in the encoder's official layout and re-extracted as `<enc>_ft`.
 # `finetune.side` visual / audio: rule `finetune`, {enc} = the trained encoder, the other
 # side's features read from its store; side both: rule `finetune_both`, one job, both encoders.
+# Both rules pass the whole `finetune` section (finetune_flags) and differ only in files.
 
 
 rule finetune:
@@ -25,19 +26,7 @@ rule finetune:
             caption="../report/finetune_provenance.rst",
         ),
     params:
-        base_weights=lambda w: apcfg.encoder_settings(C(w), w.enc)["weights"],
-        side=ft_opt("side"),
-        temperature=ft_opt("temperature"),
-        epochs=ft_opt("epochs"),
-        lr=ft_opt("lr"),
-        momentum=ft_opt("momentum"),
-        wd=ft_opt("weight_decay"),
-        milestones=lambda w: ",".join(map(str, C(w)["finetune"]["milestones"])),
-        batch=ft_opt("batch_size"),
-        proj=ft_opt("proj_dim"),
-        trainable=ft_opt("trainable"),
-        include_val=lambda w: "--include-val" if C(w)["finetune"]["include_val"] else "",
-        seed=lambda w: C(w)["seed"],
+        options=finetune_flags,
         out_dir=lambda w: f"results/{w.run}/finetune/{w.enc}",
         code=fingerprint("finetune"),
     threads: 2
@@ -53,13 +42,9 @@ rule finetune:
     conda:
         GPU_ENV
     shell:
-        "avepipe finetune --manifest {input.manifest} --encoder {wildcards.enc}"
-        " --base-weights {params.base_weights} --side {params.side} --temperature {params.temperature}"
-        " --epochs {params.epochs} --lr {params.lr} --momentum {params.momentum} --weight-decay {params.wd}"
-        " --milestones {params.milestones} --batch-size {params.batch} --proj-dim {params.proj}"
-        " --trainable {params.trainable} {params.include_val} --seed {params.seed} --threads {threads}"
-        " --partner-store {input.partner} --decoded {input.decoded}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        "avepipe finetune --manifest={input.manifest:q} {params.options} --threads={threads}"
+        " --partner-store {input.partner:q} --decoded {input.decoded:q}"
+        " --out-dir={params.out_dir:q} > {log:q} 2>&1"
 
 
 rule finetune_both:
@@ -86,20 +71,7 @@ rule finetune_both:
         visual="[a-z0-9]+",
         audio="[a-z0-9]+",
     params:
-        base_weights=lambda w: apcfg.encoder_settings(C(w), w.visual)["weights"],
-        audio_base_weights=lambda w: apcfg.encoder_settings(C(w), w.audio)["weights"],
-        side=ft_opt("side"),
-        temperature=ft_opt("temperature"),
-        epochs=ft_opt("epochs"),
-        lr=ft_opt("lr"),
-        momentum=ft_opt("momentum"),
-        wd=ft_opt("weight_decay"),
-        milestones=lambda w: ",".join(map(str, C(w)["finetune"]["milestones"])),
-        batch=ft_opt("batch_size"),
-        proj=ft_opt("proj_dim"),
-        trainable=ft_opt("trainable"),
-        include_val=lambda w: "--include-val" if C(w)["finetune"]["include_val"] else "",
-        seed=lambda w: C(w)["seed"],
+        options=finetune_flags,
         out_dir=lambda w: f"results/{w.run}/finetune/{w.visual}+{w.audio}",
         code=fingerprint("finetune"),
     threads: 2
@@ -115,11 +87,5 @@ rule finetune_both:
     conda:
         GPU_ENV
     shell:
-        "avepipe finetune --manifest {input.manifest} --side both"
-        " --encoder {wildcards.visual} --base-weights {params.base_weights}"
-        " --audio-encoder {wildcards.audio} --audio-base-weights {params.audio_base_weights}"
-        " --temperature {params.temperature}"
-        " --epochs {params.epochs} --lr {params.lr} --momentum {params.momentum} --weight-decay {params.wd}"
-        " --milestones {params.milestones} --batch-size {params.batch} --proj-dim {params.proj}"
-        " --trainable {params.trainable} {params.include_val} --seed {params.seed} --threads {threads}"
-        " --decoded {input.decoded} --out-dir {params.out_dir} > {log} 2>&1"
+        "avepipe finetune --manifest={input.manifest:q} {params.options} --threads={threads}"
+        " --decoded {input.decoded:q} --out-dir={params.out_dir:q} > {log:q} 2>&1"

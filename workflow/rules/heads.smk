@@ -1,5 +1,5 @@
-# Heads: train and evaluate one localization head per (head, features, setting, seed).
-# Model selection on val by default; `train.select_on: test` is the published protocol.
+# Heads: train and evaluate one localization head per (head[@variant], features, setting,
+# seed). Model selection on val by default; `train.select_on: test` is the published protocol.
 
 
 rule train:
@@ -18,18 +18,9 @@ rule train:
         ckpt="results/{run}/heads/{head}/{features}/{setting}/seed{seed}/checkpoint.pt",
         log="results/{run}/heads/{head}/{features}/{setting}/seed{seed}/log.jsonl",
     params:
-        format=lambda w: C(w)["data"]["format"],
-        epochs=head_flag("epochs", "--epochs"),
-        batch=head_flag("batch_size", "--batch-size"),
-        lr=head_flag("lr", "--lr"),
-        hparams=lambda w: kv_flags("--hparam", head_opt("hparams", {})(w)),
-        select_on=lambda w: C(w)["train"]["select_on"],
-        normalize=lambda w: C(w)["train"]["normalize"],
-        device=lambda w: C(w)["train"]["device"],
-        precision=lambda w: C(w)["train"]["precision"],
-        evaluate=lambda w: kv_flags("--eval", C(w).get("evaluate", {})),
+        options=train_flags,
         out_dir=lambda w: f"results/{w.run}/heads/{w.head}/{w.features}/{w.setting}/seed{w.seed}",
-        code=lambda w: fingerprint(f"heads:{w.head}"),
+        code=lambda w: fingerprint(f"heads:{w.head.partition('@')[0]}"),
     threads: 1  # small heads: two jobs side by side beat one job on two threads
     resources:
         gpu=1,
@@ -42,9 +33,7 @@ rule train:
     conda:
         GPU_ENV
     shell:
-        "avepipe train --format {params.format} --manifest {input.manifest} --head {wildcards.head}"
-        " --setting {wildcards.setting} --seed {wildcards.seed} {params.epochs} {params.batch} {params.lr}"
-        " {params.hparams} {params.evaluate} --select-on {params.select_on} --normalize {params.normalize}"
-        " --device {params.device} --precision {params.precision}"
-        " --threads {threads} --visual {input.visual} --audio-features {input.audio}"
-        " --features-name {wildcards.features} --out-dir {params.out_dir} --no-progress > {log} 2>&1"
+        "avepipe train --manifest={input.manifest:q} --head={wildcards.head:q} --setting={wildcards.setting}"
+        " --seed={wildcards.seed} {params.options} --threads={threads}"
+        " --visual {input.visual:q} --audio {input.audio:q} --features-name={wildcards.features:q}"
+        " --out-dir={params.out_dir:q} > {log:q} 2>&1"

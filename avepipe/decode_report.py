@@ -1,7 +1,7 @@
-"""Human-readable reports of pipeline stages (Markdown + JSON + PNG).
+"""The decode report (Markdown + JSON + PNG): what decoded, what failed and why.
 
-Decode part: ``decode_report`` summarises ``manifest.parquet`` (one row per sample,
-with the decode status of its video). Counts are given per unique video and per
+``decode_report`` summarises ``manifest.parquet`` (one row per sample, with the decode
+status of its video). Counts are given per unique video and per
 sample, because AVE has videos annotated more than once.
 """
 from __future__ import annotations

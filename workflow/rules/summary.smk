@@ -1,4 +1,4 @@
-# Report: one summary per run (summary.json, summary.md, plots) over every head run.
+# Summary: one table per run (summary.json, summary.md, plots) over every head run.
 
 
 rule summary:
@@ -22,10 +22,10 @@ rule summary:
         ),
     params:
         out_dir=lambda w: f"results/{w.run}",
-        code=fingerprint("report"),
+        code=fingerprint("summary"),
     log:
         "results/{run}/logs/summary.log",
     conda:
         CPU_ENV
     shell:
-        "avepipe summarize --run {wildcards.run} --out-dir {params.out_dir} {input.metrics} > {log} 2>&1"
+        "avepipe summarize --run={wildcards.run:q} --out-dir={params.out_dir:q} {input.metrics:q} > {log:q} 2>&1"
