@@ -401,6 +401,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         if only in (None, name):
             add(sp)
+            for action in sp._actions:  # every default shown in --help
+                if (action.help and action.option_strings and not action.required
+                        and action.default not in (None, False, argparse.SUPPRESS) and "default" not in action.help):
+                    action.help += " (default: %(default)s)"
     return p
 
 

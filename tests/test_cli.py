@@ -5,10 +5,11 @@ import sys
 
 import pytest
 
+from avepipe.cli import COMMANDS as CLI_COMMANDS
 from avepipe.cli import build_parser
 
-COMMANDS = ["validate-config", "synth", "dataset", "index", "decode", "decode-report", "extract", "inspect",
-            "export-h5", "import-h5", "finetune", "train", "summarize"]
+COMMANDS = ["validate-config", "schema", "synth", "dataset", "index", "decode", "decode-report", "extract",
+            "inspect", "verify", "export-h5", "import-h5", "finetune", "train", "summarize"]
 
 
 def test_every_stage_has_a_subcommand():
@@ -21,7 +22,26 @@ def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([cmd, "--help"])
     assert e.value.code == 0
-    assert "usage: avepipe " + cmd in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage: avepipe " + cmd in out
+    # every option has help text, and every optional one shows its default
+    parser = build_parser(cmd)._subparsers._group_actions[0].choices[cmd]
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"{cmd} {action.option_strings or action.dest}: no help"
+        if action.option_strings and not action.required and action.default not in (None, False):
+            assert "default" in action.help, f"{cmd} {action.option_strings}: default not shown"
+
+
+def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "AVEPIPE_DEBUG"}
+    args = [sys.executable, "-m", "avepipe", "inspect", str(tmp_path / "nowhere.zarr")]
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "nowhere.zarr" in r.stderr, r.stderr
+    r = subprocess.run(args, capture_output=True, text=True, env={**env, "AVEPIPE_DEBUG": "1"})
+    assert r.returncode != 0 and "Traceback" in r.stderr
 
 
 def test_module_entry_point_and_config_error(tmp_path):
@@ -48,10 +68,6 @@ def test_cli_turns_on_huge_pages_unless_told_not_to(monkeypatch):
     assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
 
 
-def test_dense_head_refuses_bf16_clearly():
-    from types import SimpleNamespace
-
-    from avepipe.dense_train import train_dense_from_cli
-
-    with pytest.raises(SystemExit, match="dense UnAV-100 head trains in float32"):
-        train_dense_from_cli(SimpleNamespace(precision="bf16", manifest="/nowhere.parquet"))
+def test_command_table_is_the_parser():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert list(sub.choices) == list(CLI_COMMANDS)
