@@ -73,6 +73,27 @@ def cmd_validate_config(a) -> int:
     return 0
 
 
+def args_check(s):
+    s.add_argument("configs", nargs="+", help="config files (YAML)")
+    s.add_argument("--profile", help="a Snakemake profile folder to check for placeholders (e.g. "
+                                     "workflow/profiles/slurm)")
+
+
+def cmd_check(a) -> int:
+    from avepipe import preflight
+    from avepipe.config import load_config
+
+    bad = 0
+    for path in a.configs:
+        cfg = load_config(path)
+        runs = [cfg] + [load_config(p) for p in cfg.get("also", [])]
+        for c in runs:
+            found = preflight.run_checks(c, profile=Path(a.profile) if a.profile else None)
+            print(preflight.report(c["run"], found))
+            bad += len(preflight.errors(found))
+    return 1 if bad else 0
+
+
 def args_schema(s):
     s.add_argument("--write", action="store_true", help="rewrite avepipe/schemas/config.schema.yaml")
     s.add_argument("--check", action="store_true", help="exit 1 if the schema file is out of date")
@@ -372,6 +393,8 @@ def cmd_summarize(a) -> int:
 COMMANDS = {
     # name: (help, add-arguments, run)
     "validate-config": ("validate config files against the schema", args_validate_config, cmd_validate_config),
+    "check": ("preflight: validate configs, check data root and videos, weights and profile placeholders",
+              args_check, cmd_check),
     "schema": ("print (or --write / --check) the config schema generated from the registries",
                args_schema, cmd_schema),
     "synth": ("generate a synthetic dataset in the real AVE / UnAV-100 layout", args_synth, cmd_synth),

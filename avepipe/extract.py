@@ -178,7 +178,7 @@ def extract_shard(
     batch_size: int = 16,
     num_workers: int = 1,
     device: str = "auto",
-    dtype: str = "float16",
+    dtype: str | None = None,
     window: float | None = None,
     hop: float | None = None,
     progress: bool = True,
@@ -219,9 +219,8 @@ def extract_shard(
     span = 1.0 if window is None else float(window)
     plans = [step_starts(float(n), window, hop) for n in dec["n_segments"]]
     T = max([len(p) for p in plans] + [1])
-    step_shape = tuple(spec.feature_shape)
-    if encoder_opts.get("pooled"):
-        step_shape = step_shape[-1:]
+    step_shape = tuple(spec.output_shape(encoder_opts))
+    dtype = dtype or spec.default_dtype
 
     rec = provenance(
         f"extract:{encoder}", config,

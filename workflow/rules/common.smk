@@ -49,6 +49,21 @@ except apcfg.ConfigError as _e:
 # Snakemake's own validation of the same (generated) schema
 validate(config, str(REPO / "avepipe" / "schemas" / "config.schema.yaml"))
 
+# Preflight (avepipe/preflight.py): data root and videos, weights, profile placeholders,
+# checked before the first job, in one summary; errors stop here. Not in cluster job steps.
+if workflow.is_main_process and os.environ.get("AVEPIPE_PREFLIGHT", "1") != "0":
+    from avepipe import preflight
+
+    _dry = preflight.runs_no_jobs(sys.argv)
+    _profile = preflight.profile_dir(sys.argv)
+    _bad = []
+    for _run, _cfg in RUNS.items():
+        _found = preflight.run_checks(_cfg, profile=_profile, dry_run=_dry)
+        sys.stderr.write(preflight.report(_run, _found, verbose=False) + "\n")
+        _bad += preflight.errors(_found)
+    if _bad:
+        _fail(f"preflight: {len(_bad)} problem(s) above; nothing was run (AVEPIPE_PREFLIGHT=0 skips the checks)")
+
 
 # --- the `avepipe` command ------------------------------------------------------------------
 # Rules run `avepipe <subcommand> ...`: a shell function defined by this prefix. By default it
