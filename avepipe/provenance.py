@@ -157,6 +157,9 @@ def code_fingerprint(stage: str) -> str:
     return h.hexdigest()
 
 
+_VERSION_PACKAGES = ("torch", "torchvision", "torchaudio", "av", "zarr", "numpy")
+
+
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
