@@ -1,8 +1,15 @@
-"""The real AVE dataset format (REFERENCE §1): ``Annotations.txt`` and the split files.
+"""The real AVE dataset format (docs/reference.md §1): ``Annotations.txt`` and the split files.
 
 ``Annotations.txt`` holds one row per annotation, ``Category&VideoID&Quality&StartTime&EndTime``,
 with or without a header line. Rows, not ids, are the samples: 45 ids have 2-3 rows and
 the row index is what ``{train,val,test}_order.h5`` refer to.
+
+Bad rows never stop a run: each becomes a ``Problem`` naming ``file:line`` (1-based, as an
+editor shows it) and the reason, and is left out of the table (``build_index`` with
+``on_error="fail"`` turns errors into a ``DatasetError``). Exact duplicate rows are kept
+(each is its own sample, as the split files and the released h5 features count them) with a
+warning. A VideoID must be a plain file name: anything that could resolve outside ``AVE/``
+(``../x``, ``a/b``, absolute paths, empty, control characters) is a row problem.
 """
 from __future__ import annotations
 
@@ -65,16 +72,18 @@ def _is_header(fields: list[str]) -> bool:
 def _read_lines(path: Path) -> list[tuple[int, str]]:
     """(1-based line number, text) of the non-blank lines, header dropped.
 
+    Lines end at ``\\n``, ``\\r\\n`` or ``\\r`` (as editors count them; ``str.splitlines``
+    would also split at form feeds and other separators an editor shows inside a line).
     Blank lines are not samples (a trailing newline is common); a UTF-8 BOM is removed.
     """
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = path.read_text(encoding="utf-8-sig")  # universal newlines: \r\n and \r -> \n
     except FileNotFoundError:
         raise DatasetError(f"{path}: annotation file not found") from None
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path}: not UTF-8 text ({e})") from None
     out = []
-    for i, raw in enumerate(text.splitlines(), start=1):
+    for i, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
         if not line:
             continue
@@ -82,6 +91,26 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
             continue
         out.append((i, line))
     return out
+
+
+def video_id_problem(video_id: str) -> str:
+    """Why ``video_id`` is not a plain file name ('' when it is one).
+
+    Video files are ``<dir>/<video_id>.mp4``: an id with a path separator, ``.``/``..``,
+    control characters (NUL included) or nothing at all could name a file outside ``<dir>``
+    or no file, so it is rejected rather than resolved.
+    """
+    if not isinstance(video_id, str) or not video_id:
+        return "empty video id"
+    if video_id in (".", ".."):
+        return f"video id {video_id!r} is not a file name"
+    if "/" in video_id or "\\" in video_id:
+        return f"video id {video_id!r} contains a path separator (must be a plain file name)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in video_id):
+        return f"video id {video_id!r} contains control characters"
+    if video_id != video_id.strip():
+        return f"video id {video_id!r} has leading or trailing whitespace"
+    return ""
 
 
 def _parse_time(text: str) -> int:
@@ -100,6 +129,8 @@ def _parse_row(fields: list[str]) -> tuple[dict | None, str]:
         return None, f"unknown class {category!r} (not one of the 28 AVE classes)"
     if not video_id:
         return None, "empty VideoID"
+    if why := video_id_problem(video_id):
+        return None, why
     try:
         start, end = _parse_time(start_s), _parse_time(end_s)
     except ValueError as e:
@@ -113,29 +144,47 @@ def _parse_row(fields: list[str]) -> tuple[dict | None, str]:
     return rec, ""
 
 
+def _row_key(line: str) -> tuple:
+    return tuple(f.strip() for f in line.split("&"))
+
+
 def read_annotations(path: str | Path) -> tuple[pd.DataFrame, list[Problem]]:
     """Parse an AVE ``Annotations.txt`` (header line optional).
 
     Returns (table, problems). One table row per file row (duplicate video ids kept), columns
     ``sample`` (0-based data-row index, header and blank lines excluded — the index the
     ``*_order.h5`` files use), ``category``, ``video_id``, ``quality``, ``start``, ``end``
-    (int seconds, event on [start, end)), ``label`` (0..27, REFERENCE §1 order).
+    (int seconds, event on [start, end)), ``label`` (0..27, first-appearance order).
 
-    Malformed rows (wrong field count, unknown class, non-numeric/fractional times, times
-    outside [0, 10], end < start) become ``Problem`` entries naming file and line and are
-    left out of the table; they keep their ``sample`` number so split indices still line up.
+    Malformed rows (wrong field count, unknown class, a VideoID that is not a plain file
+    name, non-numeric/fractional times, times outside [0, 10], end < start) become error
+    ``Problem`` entries naming file and line and are left out of the table; they keep their
+    ``sample`` number so split indices still line up. A row that repeats an earlier row
+    exactly is kept as its own sample (the split files and the released h5 features have a
+    row for each) and reported as a warning naming the first copy's line.
     The zero-length row of the real file (``VWi2ENBuTbw``, Church bell, 0&0) is kept: it is a
     real sample of the published splits, its ten segments are all background and its
-    video-level label is still Church bell. ``df.attrs['n_rows']`` is the data-row count.
+    video-level label is still Church bell. ``df.attrs``: ``n_rows`` (data-row count),
+    ``source`` (the file), ``lines`` (1-based line number of each sample, indexed by
+    ``sample``; ``build_index`` drops it from the index).
     """
     path = Path(path)
     records, problems = [], []
     lines = _read_lines(path)
+    first_line: dict[tuple, int] = {}
     for sample, (lineno, line) in enumerate(lines):
         rec, reason = _parse_row(line.split("&"))
         if rec is None:
             problems.append(Problem(str(path), lineno, reason, line))
             continue
+        key = _row_key(line)
+        if key in first_line:
+            problems.append(Problem(
+                str(path), lineno, f"exact duplicate of line {first_line[key]}; kept as its own sample "
+                f"(sample {sample}: split files and released features count every row)", line,
+                rec["video_id"], severity="warning"))
+        else:
+            first_line[key] = lineno
         rec["sample"] = sample
         records.append(rec)
     df = pd.DataFrame.from_records(records, columns=COLUMNS)
@@ -143,6 +192,7 @@ def read_annotations(path: str | Path) -> tuple[pd.DataFrame, list[Problem]]:
                     "category": str, "video_id": str, "quality": str})
     df.attrs["n_rows"] = len(lines)
     df.attrs["source"] = str(path)
+    df.attrs["lines"] = [n for n, _ in lines]
     return df, problems
 
 
@@ -173,26 +223,58 @@ def _order_splits(root: Path, n_rows: int) -> np.ndarray:
     return split
 
 
-def _text_splits(root: Path, n_rows: int, annotations: Path) -> np.ndarray:
-    """Match each text split row to the next unused identical row of Annotations.txt."""
+def _text_splits(root: Path, n_rows: int, annotations: Path) -> tuple[np.ndarray, list[Problem]]:
+    """Match each text split row to the next unused identical row of Annotations.txt.
+
+    A split row that matches no free Annotations row is a ``Problem`` (file:line).
+    """
     slots: dict[tuple, list[int]] = {}
     ann_lines = _read_lines(annotations)
     if len(ann_lines) != n_rows:
         raise DatasetError(f"{annotations}: {len(ann_lines)} data rows, expected {n_rows}")
     for row, (_, line) in enumerate(ann_lines):
-        slots.setdefault(tuple(f.strip() for f in line.split("&")), []).append(row)
+        slots.setdefault(_row_key(line), []).append(row)
     split = np.full(n_rows, "", dtype=object)
+    problems: list[Problem] = []
     for name in SPLITS:
         f = root / TEXT_SPLIT_FILES[name]
         for lineno, line in _read_lines(f):
-            key = tuple(x.strip() for x in line.split("&"))
+            key = _row_key(line)
             free = slots.get(key)
             if not free:
-                used = key in slots
-                why = "more copies than in Annotations.txt" if used else "not found in Annotations.txt"
-                raise DatasetError(f"{f}:{lineno}: row {line!r} {why}")
+                why = "more copies than in Annotations.txt" if key in slots else "not found in Annotations.txt"
+                vid = key[1] if len(key) > 1 else ""
+                problems.append(Problem(str(f), lineno, why, line, vid))
+                continue
             split[free.pop(0)] = name
-    return split
+    return split, problems
+
+
+def split_rows(root: str | Path, n_rows: int | None = None, annotations: str | Path | None = None
+               ) -> tuple[np.ndarray, str, list[Problem]]:
+    """(split per Annotations row, split source, row problems of text split files).
+
+    Like ``read_splits`` but rows in no split are left as ``''`` (the caller reports them)
+    and text split rows that match no Annotations row come back as problems. Structural
+    faults of the split files (missing, unreadable, indices out of range, overlapping
+    splits) still raise ``DatasetError``.
+    """
+    root = Path(root)
+    annotations = Path(annotations) if annotations is not None else root / "Annotations.txt"
+    if n_rows is None:
+        n_rows = len(_read_lines(annotations))
+    have_h5 = [(root / ORDER_FILES[s]).exists() for s in SPLITS]
+    have_txt = [(root / TEXT_SPLIT_FILES[s]).exists() for s in SPLITS]
+    if all(have_h5):
+        return _order_splits(root, n_rows), "*_order.h5", []
+    if any(have_h5):
+        missing = [ORDER_FILES[s] for s, h in zip(SPLITS, have_h5) if not h]
+        raise DatasetError(f"{root}: split files incomplete, missing {missing}")
+    if all(have_txt):
+        split, problems = _text_splits(root, n_rows, annotations)
+        return split, "*Set.txt", problems
+    raise DatasetError(f"{root}: no split files ({', '.join(ORDER_FILES.values())} "
+                       f"or {', '.join(TEXT_SPLIT_FILES.values())})")
 
 
 def read_splits(root: str | Path, n_rows: int | None = None,
@@ -202,31 +284,22 @@ def read_splits(root: str | Path, n_rows: int | None = None,
     Uses ``{train,val,test}_order.h5`` (key ``order``, int64 row indices) when present,
     otherwise ``trainSet.txt``/``valSet.txt``/``testSet.txt`` (5-field rows matched to the
     Annotations rows in order; an id with several identical rows consumes them one by one).
-    The splits must be disjoint and cover rows ``0..n_rows-1``; ``DatasetError`` otherwise.
-    ``n_rows`` defaults to the data-row count of ``annotations`` (default root/Annotations.txt).
+    Strict: the splits must be disjoint and cover rows ``0..n_rows-1`` and every text split
+    row must match, else ``DatasetError`` (``build_index`` uses ``split_rows`` and reports
+    such rows instead). ``n_rows`` defaults to the data-row count of ``annotations``
+    (default root/Annotations.txt).
     """
-    root = Path(root)
-    annotations = Path(annotations) if annotations is not None else root / "Annotations.txt"
-    if n_rows is None:
-        n_rows = len(_read_lines(annotations))
-    have_h5 = [(root / ORDER_FILES[s]).exists() for s in SPLITS]
-    have_txt = [(root / TEXT_SPLIT_FILES[s]).exists() for s in SPLITS]
-    if all(have_h5):
-        split = _order_splits(root, n_rows)
-        source = "*_order.h5"
-    elif any(have_h5):
-        missing = [ORDER_FILES[s] for s, h in zip(SPLITS, have_h5) if not h]
-        raise DatasetError(f"{root}: split files incomplete, missing {missing}")
-    elif all(have_txt):
-        split = _text_splits(root, n_rows, annotations)
-        source = "*Set.txt"
-    else:
-        raise DatasetError(f"{root}: no split files ({', '.join(ORDER_FILES.values())} "
-                           f"or {', '.join(TEXT_SPLIT_FILES.values())})")
+    annotations = Path(annotations) if annotations is not None else Path(root) / "Annotations.txt"
+    split, source, problems = split_rows(root, n_rows, annotations)
+    if problems:
+        p = problems[0]
+        raise DatasetError(f"{p.file}:{p.line}: row {p.row!r} {p.reason}")
     uncovered = np.flatnonzero(split == "")
     if uncovered.size:
-        raise DatasetError(f"{root} ({source}): {uncovered.size} Annotations rows in no split, "
-                           f"e.g. rows {uncovered[:5].tolist()}")
+        lines = [n for n, _ in _read_lines(annotations)] if annotations.exists() else []
+        where = [f"{annotations}:{lines[r]}" if r < len(lines) else f"row {r}" for r in uncovered[:5]]
+        raise DatasetError(f"{Path(root)} ({source}): {uncovered.size} Annotations rows in no split, "
+                           f"e.g. {', '.join(where)}")
     return split
 
 
@@ -255,5 +328,5 @@ def write_order_h5(path: str | Path, indices) -> Path:
     return path
 
 
-__all__ = ["AVE_CLASSES", "DatasetError", "Problem", "read_annotations", "read_splits",
-           "write_annotations", "write_order_h5", "write_split_txt", "problems_to_json"]
+__all__ = ["AVE_CLASSES", "DatasetError", "Problem", "read_annotations", "read_splits", "split_rows",
+           "video_id_problem", "write_annotations", "write_order_h5", "write_split_txt", "problems_to_json"]

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .ave import AVE_DURATION, DatasetError, Problem, read_annotations, read_splits
+from .ave import AVE_DURATION, DatasetError, Problem, read_annotations, split_rows
 from .labels import AVE_CLASSES
 from .unav100 import read_unav100
 
@@ -52,27 +53,56 @@ def dataset_paths(fmt: str, root: str | Path) -> dict:
     raise ValueError(f"unknown dataset format {fmt!r} (expected one of {FORMATS})")
 
 
+def _in_dir(directory: Path, name: str) -> bool:
+    """``directory/name`` stays directly inside ``directory`` (lexically, no symlink games)."""
+    p = os.path.normpath(os.path.join(directory, name))
+    return os.path.dirname(p) == os.path.normpath(directory)
+
+
 def build_index(fmt: str, root: str | Path, n_shards: int, on_error: str = "skip"
                 ) -> tuple[pd.DataFrame, list[Problem]]:
     """Build the ``index.parquet`` table of docs/contracts.md for the dataset at ``root``.
 
-    Malformed annotation rows are left out and reported; a missing video file keeps its row
-    (``exists`` False) and adds a problem naming the video. With ``on_error="fail"`` any
-    error-level problem raises ``DatasetError`` listing them all (warnings never fail).
+    Malformed annotation rows are left out and reported (``file:line`` and the reason), and
+    so are AVE rows that no split file lists (a malformed row in no split is reported once,
+    for what is wrong with it) and text split rows that match no Annotations row; exact
+    duplicate rows are kept with a warning; ids that are not plain file names are rejected
+    by the parsers. A missing video file keeps its row (``exists`` False) and adds a problem
+    naming the video. Row problems come sorted by file and line. With ``on_error="fail"``
+    any error-level problem raises ``DatasetError`` listing them all, the first one first
+    (warnings never fail). ``df.attrs``: ``format``, ``source`` (annotation file) and, for
+    AVE, ``n_rows`` (data rows of Annotations.txt: the row count of the released h5 files).
     """
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
     paths = dataset_paths(fmt, root)
+    attrs: dict = {"format": fmt, "source": str(paths["annotations"])}
     if fmt == "ave":
         df, problems = read_annotations(paths["annotations"])
-        split = read_splits(paths["root"], df.attrs["n_rows"], paths["annotations"])
+        n_rows, lines = df.attrs["n_rows"], df.attrs["lines"]
+        split, source, split_problems = split_rows(paths["root"], n_rows, paths["annotations"])
+        problems += split_problems
         df["split"] = split[df["sample"].to_numpy()].astype(str)
+        orphan = df["split"] == ""
+        for r in df[orphan].itertuples():
+            problems.append(Problem(str(paths["annotations"]), lines[r.sample],
+                                    f"row {r.sample} is in no split ({source} does not list it); left out",
+                                    f"{r.category}&{r.video_id}&{r.quality}&{r.start}&{r.end}", r.video_id))
+        df = df[~orphan].copy()
         df["duration"] = float(AVE_DURATION)
         extra = ["category", "label", "quality", "start", "end"]
+        attrs["n_rows"] = int(n_rows)
     else:
         df, _, problems = read_unav100(paths["annotations"])
         extra = ["events"]
+    problems.sort(key=lambda p: (p.file, p.line if p.line is not None else -1))
     videos: Path = paths["videos"]
+    # the parsers reject ids that are not plain file names; checked again where the path is made
+    outside = ~df["video_id"].map(lambda v: _in_dir(videos, f"{v}.mp4")).astype(bool)
+    for v in df.loc[outside, "video_id"].unique():
+        problems.append(Problem(str(paths["annotations"]), None, "video path would leave the video folder; "
+                                "row left out", "", str(v)))
+    df = df[~outside]
     df["path"] = [str(videos / f"{v}.mp4") for v in df["video_id"]]
     # one stat per unique id: AVE repeats ids
     exists = {v: (videos / f"{v}.mp4").is_file() for v in df["video_id"].unique()}
@@ -82,6 +112,7 @@ def build_index(fmt: str, root: str | Path, n_shards: int, on_error: str = "skip
         problems.append(Problem(str(videos / f"{vid}.mp4"), None, "video file missing", "", vid))
     cols = ["sample", "video_id", "split", "path", "exists", "shard", "duration"] + extra
     df = df[cols].reset_index(drop=True)
+    df.attrs = attrs
     errors = [p for p in problems if p.severity == "error"]
     if on_error == "fail" and errors:
         listing = "\n".join(f"  {p}" for p in errors)

@@ -1,4 +1,4 @@
-"""AVE class list and the label arrays the published heads consume (REFERENCE §1).
+"""AVE class list and the label arrays the published heads consume (docs/reference.md §1).
 
 Label layouts match the legacy AVE-ECCV18 files: ``labels.h5`` / ``labels_closs.h5``
 (segment one-hot, background = column 28), the binary event mask, and ``mil_labels.h5``
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-# First-appearance order of the Category field in the real Annotations.txt (REFERENCE §1).
+# First-appearance order of the Category field in the real Annotations.txt.
 AVE_CLASSES: tuple[str, ...] = (
     "Church bell",
     "Male speech, man speaking",

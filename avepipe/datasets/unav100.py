@@ -1,8 +1,8 @@
-"""The real UnAV-100 annotation format (REFERENCE §7).
+"""The real UnAV-100 annotation format (docs/reference.md §8).
 
 ``{"version": "unav100", "database": {id: {"duration": s, "subset": "train|validation|test",
 "annotations": [{"segment": [t0, t1], "label": str, "label_id": int}]}}}``; one sample per
-video, events may overlap.
+video, events may overlap. Video ids must be plain file names (``raw_videos/<id>.mp4``).
 """
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from .ave import DatasetError, Problem
+from .ave import DatasetError, Problem, video_id_problem
 
 SUBSETS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
 COLUMNS = ["sample", "video_id", "split", "duration", "events", "n_events"]
+DUPLICATE_TOL = 1e-3  # s; the UnAV evaluation drops an event repeating an earlier one within this
 
 # label_id -> label of the real unav100_annotations.json (copied here so that parsing and the
 # synthetic generator do not depend on the data directory; tests check it against the file).
@@ -80,6 +81,30 @@ def _derive_classes(db: dict) -> tuple[dict[int, str], list[str]]:
     return mapping, classes
 
 
+class _Object(dict):
+    """A JSON object that remembers keys it saw more than once (``json.loads`` keeps the last)."""
+
+    repeated: dict
+
+
+def _object(pairs) -> _Object:
+    obj = _Object(pairs)
+    seen: dict = {}
+    for k, _ in pairs:
+        seen[k] = seen.get(k, 0) + 1
+    obj.repeated = {k: n for k, n in seen.items() if n > 1}
+    return obj
+
+
+def _duplicate_of(events: list[dict], e: dict, tol: float = DUPLICATE_TOL) -> int | None:
+    """Index of an earlier event with the same label and both boundaries within ``tol``."""
+    for k, p in enumerate(events):
+        if (p["label_id"] == e["label_id"] and abs(p["segment"][0] - e["segment"][0]) <= tol
+                and abs(p["segment"][1] - e["segment"][1]) <= tol):
+            return k
+    return None
+
+
 def read_unav100(json_path: str | Path, classes: list[str] | None = None
                  ) -> tuple[pd.DataFrame, list[str], list[Problem]]:
     """Parse ``unav100_annotations.json`` into (table, classes, problems).
@@ -94,12 +119,19 @@ def read_unav100(json_path: str | Path, classes: list[str] | None = None
       * event times outside [0, duration] are clipped to it (``warning``, event kept);
       * events of zero or negative length (after clipping) are dropped;
       * events whose label is unknown or disagrees with the label_id mapping are dropped;
-      * videos with a missing/invalid duration or subset are dropped.
+      * videos with a missing/invalid duration or subset are dropped;
+      * videos whose id is not a plain file name (``../x``, ``a/b``, empty, control
+        characters) are dropped: ``raw_videos/<id>.mp4`` must stay inside ``raw_videos``;
+      * an id listed twice in ``database``: the last entry is used (as ``json.load`` and the
+        reference evaluation read it), with a warning;
+      * an event repeating an earlier one of its video (same label, both boundaries within
+        1e-3 s) is kept for training with a warning; evaluation counts it once
+        (``avepipe.metrics.drop_duplicate_events``, as the reference does).
     A file that is not JSON or has no ``database`` object raises ``DatasetError``.
     """
     path = Path(json_path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_object)
     except FileNotFoundError:
         raise DatasetError(f"{path}: annotation file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -115,9 +147,15 @@ def read_unav100(json_path: str | Path, classes: list[str] | None = None
     f = str(path)
     problems: list[Problem] = []
     rows = []
+    for vid, n in getattr(db, "repeated", {}).items():
+        problems.append(Problem(f, None, f"video id listed {n} times in 'database'; the last entry is used",
+                                "", str(vid), "warning"))
     for sample, (vid, entry) in enumerate(db.items()):
         def bad(reason, row="", severity="error"):
             problems.append(Problem(f, None, reason, row, str(vid), severity))
+        if why := video_id_problem(vid):
+            bad(f"{why}; video dropped")
+            continue
         if not isinstance(entry, dict):
             bad("video entry is not an object", json.dumps(entry)[:200])
             continue
@@ -154,7 +192,11 @@ def read_unav100(json_path: str | Path, classes: list[str] | None = None
                 continue
             if (c0, c1) != (t0, t1):
                 bad(f"event [{t0}, {t1}] outside [0, {duration}]; clipped to [{c0}, {c1}]", text, "warning")
-            events.append({"segment": [c0, c1], "label": label, "label_id": int(lid)})
+            event = {"segment": [c0, c1], "label": label, "label_id": int(lid)}
+            if (k := _duplicate_of(events, event)) is not None:
+                bad(f"event repeats event {k} of this video (same label, boundaries within "
+                    f"{DUPLICATE_TOL:g} s); kept, evaluation counts it once", text, "warning")
+            events.append(event)
         rows.append(dict(sample=sample, video_id=str(vid), split=SUBSETS[subset], duration=float(duration),
                          events=json.dumps(events), n_events=len(events)))
     df = pd.DataFrame.from_records(rows, columns=COLUMNS).astype(

@@ -1,4 +1,4 @@
-"""AVE format: Annotations.txt, split files, label arrays (REFERENCE §1)."""
+"""AVE format: Annotations.txt, split files, label arrays (docs/reference.md §1)."""
 from __future__ import annotations
 
 import os
@@ -72,7 +72,7 @@ def test_real_splits_and_labels():
     assert (video[:, BACKGROUND] == 0).all() and (video.sum(1) == 1).all()
     z = int(np.flatnonzero((df["video_id"] == "VWi2ENBuTbw").to_numpy())[0])
     assert (seg[z, :, BACKGROUND] == 1).all() and mask[z].sum() == 0 and video[z, 0] == 1
-    # every other video has >= 2 event seconds (REFERENCE §1)
+    # every other video has >= 2 event seconds
     assert (np.delete(mask.sum(1), z) >= 2).all()
 
 
@@ -175,7 +175,9 @@ def test_text_split_errors(tmp_path):
     with pytest.raises(DatasetError, match=r"trainSet.txt:4: .*more copies"):
         read_splits(tmp_path)
     write_split_txt(tmp_path / "trainSet.txt", df.iloc[[0]])
-    with pytest.raises(DatasetError, match=r"2 Annotations rows in no split"):
+    # strict reader: names the uncovered rows as file:line (1-based), not 0-based row numbers
+    with pytest.raises(DatasetError, match=r"2 Annotations rows in no split, e\.g\. .*Annotations.txt:2, "
+                                           r".*Annotations.txt:4"):
         read_splits(tmp_path)
     (tmp_path / "testSet.txt").write_text("Bark&zzzzzzzzzzz&good&1&3\n")
     with pytest.raises(DatasetError, match="testSet.txt:1: .*not found in Annotations"):
@@ -210,8 +212,44 @@ def test_write_annotations_round_trip(tmp_path):
     for header in (False, True):
         f = write_annotations(tmp_path / f"A{header}.txt", df, header=header)
         back, problems = read_annotations(f)
-        assert problems == []
+        # rows 1 and 3 of the fixture are identical: a warning, both kept
+        assert [(p.severity, p.line) for p in problems] == [("warning", 4 + header)]
         assert back[["category", "video_id", "quality"]].values.tolist() == df[
             ["category", "video_id", "quality"]].values.tolist()
         assert back["start"].tolist() == df["start"].astype(int).tolist()
     assert (tmp_path / "AFalse.txt").read_text().splitlines()[0] == ROWS[0]
+
+
+# ---------------------------------------------------------------- row problems
+def test_exact_duplicate_rows_warned_and_kept(tmp_path):
+    f = tmp_path / "Annotations.txt"
+    f.write_text("\n".join([ROWS[0], ROWS[1], ROWS[2], "", ROWS[1], ROWS[1]]) + "\n")
+    df, problems = read_annotations(f)
+    # both copies stay samples 1, 3, 4: split files and released h5 rows count every row
+    assert df["sample"].tolist() == [0, 1, 2, 3, 4]
+    assert df["video_id"].tolist() == ["aaaaaaaaaaa", "bbbbbbbbbbb", "aaaaaaaaaaa", "bbbbbbbbbbb", "bbbbbbbbbbb"]
+    assert [(p.severity, p.line) for p in problems] == [("warning", 5), ("warning", 6)]
+    assert all("duplicate of line 2" in p.reason for p in problems)
+    assert f"{f}:5" in str(problems[0])
+
+
+@pytest.mark.parametrize("vid", ["../../x", "a/b", "/abs/path", "a\\b", "..", ".", "a\x00b", "a\tb"])
+def test_video_id_must_be_plain_file_name(tmp_path, vid):
+    f = tmp_path / "Annotations.txt"
+    f.write_text("\n".join([ROWS[0], f"Bark&{vid}&good&3&7", ROWS[1]]) + "\n", encoding="utf-8")
+    df, problems = read_annotations(f)
+    assert df["sample"].tolist() == [0, 2] and vid not in df["video_id"].tolist()
+    assert len(problems) == 1 and problems[0].line == 2 and problems[0].severity == "error"
+    assert "video id" in problems[0].reason
+    # the message is one line even for ids with control characters
+    assert "\n" not in str(problems[0]) and "\x00" not in str(problems[0])
+
+
+def test_line_numbers_as_an_editor_counts(tmp_path):
+    # \r\n, \r and \n end lines; a form feed / vertical tab inside a row does not
+    f = tmp_path / "Annotations.txt"
+    f.write_bytes(b"Category&VideoID&Quality&StartTime&EndTime\r\n" + ROWS[0].encode() + b"\r"
+                  + b"Bark&ccccccccccc&go\x0cod&3&7\n" + b"Bark&ddddddddddd&go\x0bod&x&7\n" + ROWS[1].encode() + b"\n")
+    df, problems = read_annotations(f)
+    assert df["sample"].tolist() == [0, 1, 3]
+    assert [(p.line, "non-numeric" in p.reason) for p in problems] == [(4, True)]

@@ -130,3 +130,104 @@ def test_build_index_real_ave():
     assert (df.groupby("video_id")["shard"].nunique() == 1).all()
     assert stats["missing_files"] == int((~df["exists"]).sum())
     assert sum("missing" in p.reason for p in problems) == df.loc[~df["exists"], "video_id"].nunique()
+
+
+# ---------------------------------------------------------------- bad rows never stop the index
+def _ave_rows(root: Path, lines: list[str], splits: dict[str, list[int]]) -> Path:
+    f = root / "Annotations.txt"
+    f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for name, rows in splits.items():
+        write_order_h5(root / f"{name}_order.h5", rows)
+    return f
+
+
+GOOD = ["Bark&aaaaaaaaaaa&good&2&5", "Cat&bbbbbbbbbbb&good&0&10", "Cat&ccccccccccc&good&4&9"]
+
+
+def test_malformed_rows_in_no_split_reported_with_line_and_run_goes_on(tmp_path):
+    # two junk rows appended after the rows the split files cover (what "8 Annotations rows
+    # in no split" was): each is reported as file:line with its reason, the index is built
+    lines = ["Category&VideoID&Quality&StartTime&EndTime", *GOOD, "Bark&ddddddddddd&good&3", "Nope&eeeeeeeeeee&good&1&2"]
+    f = _ave_rows(tmp_path, lines, {"train": [0, 1], "val": [], "test": [2]})
+    df, problems = build_index("ave", tmp_path, n_shards=2)
+    assert df["sample"].tolist() == [0, 1, 2] and df["split"].tolist() == ["train", "train", "test"]
+    rows = [(p.file, p.line, p.severity) for p in problems if p.line is not None]
+    assert rows == [(str(f.resolve()), 5, "error"), (str(f.resolve()), 6, "error")]
+    assert "5 '&'-separated fields" in problems[0].reason and "unknown class 'Nope'" in problems[1].reason
+    assert "Annotations.txt:5" in str(problems[0])
+    assert df.attrs["n_rows"] == 5  # rows of the released h5 files, malformed ones included
+    # on_error: fail stops, the first problem first
+    with pytest.raises(DatasetError) as e:
+        build_index("ave", tmp_path, n_shards=2, on_error="fail")
+    listing = str(e.value).splitlines()
+    assert "Annotations.txt:5" in listing[1] and "Annotations.txt:6" in listing[2]
+
+
+def test_well_formed_row_in_no_split_reported_and_left_out(tmp_path):
+    f = _ave_rows(tmp_path, GOOD, {"train": [0], "val": [], "test": [2]})
+    df, problems = build_index("ave", tmp_path, n_shards=2)
+    assert df["video_id"].tolist() == ["aaaaaaaaaaa", "ccccccccccc"]
+    p = [p for p in problems if p.line is not None]
+    assert [(q.file, q.line, q.video_id) for q in p] == [(str(f.resolve()), 2, "bbbbbbbbbbb")]
+    assert "in no split" in p[0].reason and "row 1" in p[0].reason
+
+
+def test_text_split_row_not_in_annotations_reported(tmp_path):
+    f = tmp_path / "Annotations.txt"
+    f.write_text("\n".join(GOOD) + "\n")
+    (tmp_path / "trainSet.txt").write_text(GOOD[0] + "\n" + GOOD[1] + "\n")
+    (tmp_path / "valSet.txt").write_text("Bark&zzzzzzzzzzz&good&1&3\n")
+    (tmp_path / "testSet.txt").write_text(GOOD[2] + "\n")
+    df, problems = build_index("ave", tmp_path, n_shards=2)
+    assert df["split"].tolist() == ["train", "train", "test"]
+    p = [p for p in problems if p.line is not None]
+    assert [(Path(q.file).name, q.line) for q in p] == [("valSet.txt", 1)]
+    assert "not found in Annotations.txt" in p[0].reason
+
+
+def test_duplicate_rows_warned_numbering_follows_split_files(tmp_path):
+    lines = [GOOD[0], GOOD[1], GOOD[0], GOOD[2]]
+    _ave_rows(tmp_path, lines, {"train": [0, 1], "val": [2], "test": [3]})
+    df, problems = build_index("ave", tmp_path, n_shards=2)
+    # both copies kept: sample k is still Annotations row k, as the *_order.h5 indices say
+    assert df["sample"].tolist() == [0, 1, 2, 3] and df["split"].tolist() == ["train", "train", "val", "test"]
+    w = [p for p in problems if p.severity == "warning"]
+    assert [(q.line, q.video_id) for q in w] == [(3, "aaaaaaaaaaa")] and "duplicate of line 1" in w[0].reason
+    (tmp_path / "AVE").mkdir()
+    for v in ("aaaaaaaaaaa", "bbbbbbbbbbb", "ccccccccccc"):
+        (tmp_path / "AVE" / f"{v}.mp4").write_bytes(b"\0")
+    df2, _ = build_index("ave", tmp_path, n_shards=2, on_error="fail")  # a warning never fails
+    assert len(df2) == 4
+
+
+def test_video_ids_cannot_leave_the_video_folder(tmp_path):
+    outside = tmp_path / "x.mp4"
+    outside.write_bytes(b"\0")  # what "../../x" would reach from <root>/a/AVE
+    root = tmp_path / "a"
+    root.mkdir()
+    lines = [GOOD[0], "Bark&../../x&good&1&3", "Bark&/etc/passwd&good&1&3", GOOD[2]]
+    _ave_rows(root, lines, {"train": [0, 1, 2], "val": [], "test": [3]})
+    df, problems = build_index("ave", root, n_shards=2)
+    assert df["video_id"].tolist() == ["aaaaaaaaaaa", "ccccccccccc"]
+    videos = (root / "AVE").resolve()
+    assert all(Path(p).parent == videos for p in df["path"])
+    bad = [(p.line, "path separator" in p.reason) for p in problems if p.line is not None]
+    assert bad == [(2, True), (3, True)]
+
+
+def test_unav_bad_and_duplicate_ids(tmp_path):
+    ev = {"segment": [1, 5], "label": UNAV_CLASSES[4], "label_id": 4}
+    ann = tmp_path / "annotations" / "unav100_annotations.json"
+    ann.parent.mkdir()
+    ann.write_text('{"version": "unav100", "database": {'
+                   '"../../x": {"duration": 30.0, "subset": "test", "annotations": []}, '
+                   '"": {"duration": 30.0, "subset": "test", "annotations": []}, '
+                   '"okokokokoko": {"duration": 30.0, "subset": "test", "annotations": []}, '
+                   f'"okokokokoko": {{"duration": 20.0, "subset": "train", "annotations": [{json.dumps(ev)}]}}}}}}')
+    df, problems = build_index("unav100", tmp_path, n_shards=2)
+    assert df["video_id"].tolist() == ["okokokokoko"]
+    # json.load keeps the last entry of a repeated key; so does the reference evaluation
+    assert df["split"].tolist() == ["train"] and df["duration"].tolist() == [20.0]
+    msgs = {(p.video_id, p.severity): p.reason for p in problems}
+    assert "path separator" in msgs[("../../x", "error")] and "empty" in msgs[("", "error")]
+    assert "listed 2 times" in msgs[("okokokokoko", "warning")]

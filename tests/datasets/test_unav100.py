@@ -1,4 +1,4 @@
-"""UnAV-100 annotation JSON (REFERENCE §7)."""
+"""UnAV-100 annotation JSON (docs/reference.md §8)."""
 from __future__ import annotations
 
 import json
@@ -125,3 +125,23 @@ def test_write_round_trip(tmp_path):
     assert df["split"].tolist() == ["val", "train"] and df["duration"].tolist() == [33.5, 21.0]
     assert json.loads(df["events"][0]) == [{"segment": [1.25, 9.5], "label": UNAV_CLASSES[12], "label_id": 12}]
     assert classes == list(UNAV_CLASSES)  # file agrees with the real mapping -> gaps filled from it
+
+
+@pytest.mark.parametrize("vid", ["../../x", "a/b", "/abs/x", "", "..", "a\x00b", " padded"])
+def test_video_ids_must_be_plain_file_names(tmp_path, vid):
+    db = {vid: {"duration": 10, "subset": "test", "annotations": [_ev(1, 2)]},
+          "goodgoodgoo": {"duration": 10, "subset": "test", "annotations": [_ev(1, 2)]}}
+    df, _, problems = read_unav100(_write(tmp_path, db))
+    assert df["video_id"].tolist() == ["goodgoodgoo"]
+    assert [(p.video_id, p.severity) for p in problems] == [(vid, "error")]
+    assert "video id" in problems[0].reason and "dropped" in problems[0].reason
+
+
+def test_repeated_events_warned_and_kept(tmp_path):
+    db = {"vvvvvvvvvvv": {"duration": 30, "subset": "test", "annotations": [
+        _ev(1.0, 5.0), _ev(1.0008, 4.9995), _ev(1.0, 5.0, 7), _ev(1.002, 5.0)]}}
+    df, _, problems = read_unav100(_write(tmp_path, db))
+    # event 1 repeats event 0 (same label, both ends within 1e-3 s); 2 has another label; 3 is 2 ms off
+    assert df["n_events"].tolist() == [4]
+    assert [(p.severity, p.video_id) for p in problems] == [("warning", "vvvvvvvvvvv")]
+    assert "repeats event 0" in problems[0].reason and "1.0008" in problems[0].row
