@@ -1,4 +1,4 @@
-"""PANNs Cnn14 embeddings (Kong et al. 2020), as CACE-Net feeds them (REFERENCE §2).
+"""PANNs Cnn14 embeddings (Kong et al. 2020), as CACE-Net feeds them (docs/reference.md §2.4).
 
 The model is ``panns_inference.models.Cnn14`` itself (32 kHz, window 1024, hop 320, 64
 Slaney mels 50-14000 Hz, 527 classes); the feature is its 2048-d ``embedding``
@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from avepipe.encoders import EncoderSpec, LoadedEncoder
-from avepipe.encoders.weights import OfficialWeights, WeightsError, build_with_weights, inference_ready
+from avepipe.encoders.weights import (OfficialWeights, WeightsError, build_with_weights, inference_ready,
+                                      state_over_base)
 
 SAMPLE_RATE = 32000
 MIN_SAMPLES = 9920  # shortest input the 6 pooling stages accept
@@ -103,9 +104,8 @@ def preprocess(wave: Any) -> torch.Tensor:
     return x.float()
 
 
-def load(spec: EncoderSpec, weights: str = "random", device: Any = "cpu", *,
-         seed: int | None = None, channels_last: bool = True) -> LoadedEncoder:
-    """Build Cnn14 -> 2048-d embedding per chunk."""
+def load(spec: EncoderSpec, weights: str, device: Any, *, seed: int | None, channels_last: bool) -> LoadedEncoder:
+    """Build Cnn14 -> 2048-d embedding per chunk (no options of its own)."""
     model, info = build_with_weights(spec, weights, lambda: cnn14_embedding_class()(), unwrap=_unwrap,
                                      seed=seed)
     model = inference_ready(model, device, channels_last)
@@ -114,15 +114,38 @@ def load(spec: EncoderSpec, weights: str = "random", device: Any = "cpu", *,
     return LoadedEncoder(model=model, preprocess=preprocess, weights_info=info, options=options)
 
 
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """conv_block1..6 and fc1 (the embedding layer); the log-mel front end, bn0 and the
+    AudioSet classifier are no block."""
+    return [getattr(model, f"conv_block{i}") for i in range(1, 7)] + [model.fc1]
+
+
+def _checkpoint_state(obj: Any) -> Any:
+    return obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+
+
+def saved_layout(spec: EncoderSpec, model: nn.Module, base_weights: str, seed: int) -> dict:
+    """A PANNs checkpoint ``{"model": state_dict}`` holding every key of the base checkpoint's
+    model (classifier and front-end buffers included)."""
+    return {"model": state_over_base(spec, model, base_weights, unwrap=_checkpoint_state)}
+
+
+# Zenodo publishes each file's md5 and size on the record page: both checked on every load
+_AUDIOSET = OfficialWeights("panns:Cnn14_mAP=0.431", "Cnn14_mAP=0.431.pth",
+                            "https://zenodo.org/record/3987831/files/Cnn14_mAP%3D0.431.pth?download=1",
+                            md5="541141fa2ee191a88f24a3219fff024e", size=327428481,
+                            pinned_by="https://zenodo.org/records/3987831")
+
 SPEC = EncoderSpec(
     name="cnn14",
     modality="audio",
     feature_shape=(2048,),
     sample_rate=SAMPLE_RATE,
     default_weights="audioset",
-    official={
-        "audioset": OfficialWeights("panns:Cnn14_mAP=0.431", "Cnn14_mAP=0.431.pth",
-                                    "https://zenodo.org/record/3987831/files/Cnn14_mAP%3D0.431.pth?download=1"),
-    },
+    official={"audioset": _AUDIOSET},
     loader=load,
+    default_dtype="float32",
+    blocks=blocks,
+    frozen=("spectrogram_extractor", "logmel_extractor", "bn0", "spec_augmenter", "fc_audioset"),
+    saved_layout=saved_layout,
 )

@@ -1,4 +1,4 @@
-"""ResNet-50 trunk maps, as CACE-Net's ``Encoders/`` (REFERENCE §2).
+"""ResNet-50 trunk maps, as CACE-Net's ``Encoders/`` (docs/reference.md §2.2).
 
 trunk = all children of torchvision ``resnet50()`` but avgpool/fc -> (B,2048,7,7),
 returned channels-last (B,7,7,2048); ``pooled=True`` gives the avgpool vector (B,2048).
@@ -6,6 +6,7 @@ returned channels-last (B,7,7,2048); ``pooled=True`` gives the avgpool vector (B
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -15,9 +16,21 @@ from torchvision.models import ResNet50_Weights, resnet50
 
 from avepipe.encoders import EncoderSpec, LoadedEncoder
 from avepipe.encoders.vgg19 import frames_to_nchw
-from avepipe.encoders.weights import OfficialWeights, build_with_weights, inference_ready, layout_of
+from avepipe.encoders.weights import (HUB_NAMING, OfficialWeights, build_with_weights, inference_ready,
+                                      layout_of, state_over_base)
+from avepipe.options import option
 
 PREPROCESSING = {"imagenet1k_v2": ResNet50_Weights.IMAGENET1K_V2, "imagenet1k_v1": ResNet50_Weights.IMAGENET1K_V1}
+
+
+@dataclass
+class ResNet50Options:
+    """`encoders.resnet50`: ResNet-50 layer4 options."""
+
+    preprocessing: str = option("imagenet1k_v2", help="torchvision's transforms of those weights (V2: resize "
+                                "232, centre crop 224, as CACE-Net; V1: resize 256, crop 224)",
+                                choices=tuple(PREPROCESSING))
+    pooled: bool = option(False, help="store the spatial mean (2048,) instead of the 7x7 map")
 
 
 class ResNet50Trunk(nn.Module):
@@ -55,9 +68,8 @@ def _apply(transform, frames: Any) -> torch.Tensor:
     return transform(frames_to_nchw(frames))
 
 
-def load(spec: EncoderSpec, weights: str = "random", device: Any = "cpu", *,
-         preprocessing: str = "imagenet1k_v2", pooled: bool = False, seed: int | None = None,
-         channels_last: bool = True) -> LoadedEncoder:
+def load(spec: EncoderSpec, weights: str, device: Any, *, seed: int | None, channels_last: bool,
+         preprocessing: str, pooled: bool) -> LoadedEncoder:
     """Build the ResNet-50 trunk. ``weights`` "imagenet" = IMAGENET1K_V2 ("imagenet1k_v1"
     selects V1); ``preprocessing`` "imagenet1k_v2" (default, as CACE-Net) | "imagenet1k_v1"."""
     pre = make_preprocess(preprocessing)
@@ -68,10 +80,22 @@ def load(spec: EncoderSpec, weights: str = "random", device: Any = "cpu", *,
     return LoadedEncoder(model=model, preprocess=pre, weights_info=info, options=options)
 
 
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The stem (conv1 + bn1) and layer1..layer4."""
+    return [nn.ModuleList([model.conv1, model.bn1]), model.layer1, model.layer2, model.layer3, model.layer4]
+
+
+def saved_layout(spec: EncoderSpec, model: nn.Module, base_weights: str, seed: int) -> dict:
+    """torchvision's resnet50 state dict: the trunk plus the fc of the base file, or of a
+    torchvision resnet50 seeded with ``seed`` when the base is random (unused by extraction)."""
+    return state_over_base(spec, model, base_weights, random_base=resnet50, seed=seed)
+
+
+# torchvision names its files name-<sha256 prefix>.pth (torch.hub's convention): checked on every load
 _V1 = OfficialWeights("torchvision:ResNet50_Weights.IMAGENET1K_V1", "resnet50-0676ba61.pth",
-                      ResNet50_Weights.IMAGENET1K_V1.url, check_hash=True)
+                      ResNet50_Weights.IMAGENET1K_V1.url, check_hash=True, pinned_by=HUB_NAMING)
 _V2 = OfficialWeights("torchvision:ResNet50_Weights.IMAGENET1K_V2", "resnet50-11ad3fa6.pth",
-                      ResNet50_Weights.IMAGENET1K_V2.url, check_hash=True)
+                      ResNet50_Weights.IMAGENET1K_V2.url, check_hash=True, pinned_by=HUB_NAMING)
 
 SPEC = EncoderSpec(
     name="resnet50",
@@ -81,4 +105,8 @@ SPEC = EncoderSpec(
     default_weights="imagenet",
     official={"imagenet": _V2, "imagenet1k_v2": _V2, "imagenet1k_v1": _V1},
     loader=load,
+    options=ResNet50Options,
+    default_dtype="float16",
+    blocks=blocks,
+    saved_layout=saved_layout,
 )

@@ -1,4 +1,4 @@
-"""VGG-19 pool5 maps, as the AVE features (REFERENCE §2).
+"""VGG-19 pool5 maps, as the AVE features (docs/reference.md §2.1).
 
 pool5 = output of torchvision ``vgg19().features`` (B,512,7,7) -- not ``features[:-1]``
 (conv5_4, 14x14) -- returned channels-last (B,7,7,512), the layout of the AVE h5.
@@ -7,6 +7,7 @@ Only ``features`` is built; the classifier (120M parameters) is never used.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -19,11 +20,22 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from avepipe.encoders import EncoderSpec, LoadedEncoder
-from avepipe.encoders.weights import OfficialWeights, build_with_weights, inference_ready, layout_of
+from avepipe.encoders.weights import (HUB_NAMING, OfficialWeights, build_with_weights, inference_ready,
+                                      layout_of, state_over_base)
+from avepipe.options import option
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESSING = ("ave", "torchvision")
+
+
+@dataclass
+class VGG19Options:
+    """`encoders.vgg19`: VGG-19 pool5 options."""
+
+    preprocessing: str = option("ave", help="ave: resize to 224x224, no crop (the AVE features); torchvision: "
+                                "resize 256, centre crop 224", choices=PREPROCESSING)
+    pooled: bool = option(False, help="store the spatial mean (512,) instead of the 7x7 map")
 
 
 class VGG19Pool5(nn.Module):
@@ -72,13 +84,9 @@ def _official_layout() -> dict[str, tuple]:
     return layout_of(vgg19)
 
 
-def load(spec: EncoderSpec, weights: str = "random", device: Any = "cpu", *,
-         preprocessing: str = "ave", pooled: bool = False, seed: int | None = None,
-         channels_last: bool = True) -> LoadedEncoder:
-    """Build VGG-19 pool5. Options: ``preprocessing`` "ave" | "torchvision",
-    ``pooled`` (N,512) output, ``seed`` for random weights."""
-    if preprocessing not in PREPROCESSING:
-        raise ValueError(f"vgg19: preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
+def load(spec: EncoderSpec, weights: str, device: Any, *, seed: int | None, channels_last: bool,
+         preprocessing: str, pooled: bool) -> LoadedEncoder:
+    """Build VGG-19 pool5 (options: :class:`VGG19Options`; ``seed`` for random weights)."""
     model, info = build_with_weights(spec, weights, partial(VGG19Pool5, pooled=pooled),
                                      official_layout=_official_layout, seed=seed)
     model = inference_ready(model, device, channels_last)
@@ -87,16 +95,43 @@ def load(spec: EncoderSpec, weights: str = "random", device: Any = "cpu", *,
     return LoadedEncoder(model=model, preprocess=pre, weights_info=info, options=options)
 
 
+def split_at_pools(seq: nn.Sequential) -> list[nn.Module]:
+    """A VGG-style conv stack cut after each max-pool: its conv blocks, in forward order."""
+    blocks, cur = [], []
+    for m in seq:
+        cur.append(m)
+        if isinstance(m, nn.MaxPool2d):
+            blocks.append(nn.ModuleList(cur))
+            cur = []
+    return blocks
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The 5 conv blocks (conv1_x .. conv5_x, each ending in its max-pool)."""
+    return split_at_pools(model.features)
+
+
+def saved_layout(spec: EncoderSpec, model: nn.Module, base_weights: str, seed: int) -> dict:
+    """torchvision's vgg19 state dict: the trunk's features.* plus the classifier of the base
+    file, or of a torchvision vgg19 seeded with ``seed`` when the base is random (extraction
+    never uses the classifier; it is kept so the file is a complete torchvision checkpoint)."""
+    return state_over_base(spec, model, base_weights, random_base=vgg19, seed=seed)
+
+
+# torchvision names its files name-<sha256 prefix>.pth (torch.hub's convention): checked on every load
+_IMAGENET = OfficialWeights("torchvision:VGG19_Weights.IMAGENET1K_V1", "vgg19-dcbb9e9d.pth",
+                            VGG19_Weights.IMAGENET1K_V1.url, check_hash=True, pinned_by=HUB_NAMING)
+
 SPEC = EncoderSpec(
     name="vgg19",
     modality="visual",
     feature_shape=(7, 7, 512),
     sample_rate=None,
     default_weights="imagenet",
-    official={
-        "imagenet": OfficialWeights("torchvision:VGG19_Weights.IMAGENET1K_V1", "vgg19-dcbb9e9d.pth",
-                                    VGG19_Weights.IMAGENET1K_V1.url, check_hash=True),
-    },
+    official={"imagenet": _IMAGENET, "imagenet1k_v1": _IMAGENET},
     loader=load,
+    options=VGG19Options,
+    default_dtype="float16",
+    blocks=blocks,
+    saved_layout=saved_layout,
 )
-SPEC.official["imagenet1k_v1"] = SPEC.official["imagenet"]

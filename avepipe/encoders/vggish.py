@@ -1,8 +1,8 @@
 """VGGish (Hershey et al. 2017) in torch: log-mel front end + network + optional PCA.
 
-Recipe of REFERENCE §2 (= the TF ``vggish_input`` / ``mel_features`` code): 16 kHz mono,
-400-sample periodic-Hann frames every 160 samples, no centre padding, |rfft| with 512
-points, 64 HTK-mel bands 125-7500 Hz with triangles linear *in mel* (not in Hz as librosa /
+Recipe of docs/reference.md §2.3 (= the TF ``vggish_input`` / ``mel_features`` code):
+16 kHz mono, 400-sample periodic-Hann frames every 160 samples, no centre padding, |rfft|
+with 512 points, 64 HTK-mel bands 125-7500 Hz with triangles linear *in mel* (not in Hz as librosa /
 torchaudio build them), log(mel + 0.01), 96x64 patches. One 1-s chunk (16000 samples)
 gives 98 frames, of which the first 96 (samples 0..15599) form its one patch, as AVE did.
 The network and state-dict keys follow torchvggish (final ReLU included).
@@ -11,15 +11,18 @@ The network and state-dict keys follow torchvggish (final ReLU included).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from avepipe.encoders import EncoderSpec, LoadedEncoder
-from avepipe.encoders.weights import (OfficialWeights, WeightsError, as_tensor_dict, check_state_dict,
-                                      build_with_weights, fetch_official, file_sha256, inference_ready,
-                                      read_checkpoint)
+from avepipe.encoders import EncoderOptionError, EncoderSpec, LoadedEncoder
+from avepipe.encoders.vgg19 import split_at_pools
+from avepipe.encoders.weights import (OfficialWeights, WeightsError, as_tensor_dict, build_with_weights,
+                                      check_state_dict, file_sha256, inference_ready, official_file,
+                                      read_checkpoint, state_over_base)
+from avepipe.options import option
 
 SAMPLE_RATE = 16000
 WINDOW = 400  # 25 ms
@@ -122,33 +125,46 @@ class PCAQuantize(nn.Module):
             return torch.round((x.clamp(lo, hi) - lo) * (255.0 / (hi - lo)))
 
 
+@dataclass
+class VGGishOptions:
+    """`encoders.vggish`: VGGish options."""
+
+    pca: bool = option(False, help="apply the released PCA + 8-bit quantisation (AVE / CACE-Net use the raw "
+                       "embeddings: false)")
+    pca_params: str | None = option(None, help="with pca: a PCA params file (pca_eigen_vectors, pca_means); "
+                                    "default: the official torchvggish file")
+
+
 def load_pca(source: str = "audioset") -> tuple[PCAQuantize, dict]:
-    """PCA params from the official file ("audioset") or a path (keys pca_eigen_vectors, pca_means)."""
+    """PCA params from the official file ("audioset", verified) or a path (keys
+    pca_eigen_vectors, pca_means; its sha256 is recorded)."""
     if source.lower() == "audioset":
-        path, src = fetch_official(PCA_PARAMS), PCA_PARAMS.url
+        (path, sha), src = official_file(PCA_PARAMS), PCA_PARAMS.url
     else:
-        path = src = source
+        path, sha, src = source, None, source
     where = f"vggish PCA params {path}"
     state = as_tensor_dict(read_checkpoint(path), where)
     if "pca_means" in state:
         state["pca_means"] = state["pca_means"].reshape(-1)  # torchvggish stores (128,) or (128,1)
     check_state_dict(state, {"pca_eigen_vectors": (128, 128), "pca_means": (128,)}, where=where)
-    info = {"sha256": file_sha256(path), "source": str(src)}
+    info = {"sha256": sha or file_sha256(path), "source": str(src)}
     return PCAQuantize(state["pca_eigen_vectors"], state["pca_means"]), info
 
 
-def load(spec: EncoderSpec, weights: str = "random", device: Any = "cpu", *,
-         pca: bool | str = False, seed: int | None = None, channels_last: bool = True) -> LoadedEncoder:
-    """Build VGGish. ``pca``: False (raw embeddings, as AVE/CACE), True (official PCA
-    params) or a path to a PCA params file."""
+def load(spec: EncoderSpec, weights: str, device: Any, *, seed: int | None, channels_last: bool,
+         pca: bool, pca_params: str | None) -> LoadedEncoder:
+    """Build VGGish (options: :class:`VGGishOptions`): raw embeddings, or with ``pca`` the
+    released PCA params (``pca_params``: another file)."""
+    if pca_params is not None and not pca:
+        raise EncoderOptionError("encoders.vggish.pca_params is set but encoders.vggish.pca is false")
     pca_module = pca_info = None
     if pca:  # first: a missing PCA file fails before the network is built
         try:
-            pca_module, pca_info = load_pca("audioset" if pca is True else str(pca))
+            pca_module, pca_info = load_pca(pca_params or "audioset")
         except WeightsError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise WeightsError(f"vggish: cannot load PCA params {pca!r}: {e}") from e
+            raise WeightsError(f"vggish: cannot load PCA params {pca_params or 'audioset'!r}: {e}") from e
     model, info = build_with_weights(spec, weights, VGGish, seed=seed)
     if pca_module is not None:
         model.pca, info["pca"] = pca_module, pca_info
@@ -160,9 +176,26 @@ def load(spec: EncoderSpec, weights: str = "random", device: Any = "cpu", *,
     return LoadedEncoder(model=model, preprocess=front, weights_info=info, options=options)
 
 
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The 4 conv blocks (each ending in its max-pool) and the embedding MLP."""
+    return [*split_at_pools(model.features), model.embeddings]
+
+
+def saved_layout(spec: EncoderSpec, model: nn.Module, base_weights: str, seed: int) -> dict:
+    """torchvggish's state dict (features.*, embeddings.*); the PCA params stay in their own file."""
+    return state_over_base(spec, model, base_weights)
+
+
+# torchvggish names its release files as torch.hub does, name-<sha256 prefix>.pth: its loader
+# of May 2019 fetched vggish-10086976.pth with torch.hub.load_state_dict_from_url, which then
+# always checked that prefix, and its PCA params went through the same check; no full hash
+# is published. Checked on every load.
+_RELEASE = "https://github.com/harritaylor/torchvggish/releases/download/v0.1/"
+_PINNED_BY = "https://github.com/harritaylor/torchvggish/blob/master/hubconf.py"
 PCA_PARAMS = OfficialWeights("torchvggish:vggish_pca_params", "vggish_pca_params-970ea276.pth",
-                             "https://github.com/harritaylor/torchvggish/releases/download/v0.1/"
-                             "vggish_pca_params-970ea276.pth")
+                             _RELEASE + "vggish_pca_params-970ea276.pth", check_hash=True, pinned_by=_PINNED_BY)
+_AUDIOSET = OfficialWeights("torchvggish:vggish", "vggish-10086976.pth", _RELEASE + "vggish-10086976.pth",
+                            check_hash=True, pinned_by=_PINNED_BY)
 
 SPEC = EncoderSpec(
     name="vggish",
@@ -170,10 +203,10 @@ SPEC = EncoderSpec(
     feature_shape=(128,),
     sample_rate=SAMPLE_RATE,
     default_weights="audioset",
-    official={
-        "audioset": OfficialWeights("torchvggish:vggish", "vggish-10086976.pth",
-                                    "https://github.com/harritaylor/torchvggish/releases/download/v0.1/"
-                                    "vggish-10086976.pth"),
-    },
+    official={"audioset": _AUDIOSET},
     loader=load,
+    options=VGGishOptions,
+    default_dtype="float32",
+    blocks=blocks,
+    saved_layout=saved_layout,
 )

@@ -1,12 +1,16 @@
 """Weight resolution and loading for the encoders.
 
 ``weights`` given to an encoder is one of
+- None: the encoder's official ``default_weights`` (never random);
 - ``"random"`` / ``"random:<seed>"``: explicit seeded init (the model's own constructor
   init under ``torch.manual_seed``), logged and stamped in ``weights_info``;
 - an official name of the encoder (``"imagenet"``, ``"audioset"``, aliases such as
   ``"IMAGENET1K_V1"``): the publisher's file under its official name in the standard
-  torch cache ``torch.hub.get_dir()/checkpoints``, downloaded there when online;
-- a path: a state dict in the encoder's official layout (keys and shapes checked).
+  torch cache ``torch.hub.get_dir()/checkpoints``, downloaded there when online, and
+  checked on every load against what the publisher states (the sha256 prefix in the name,
+  a published md5 / sha256, the size): a file is not trusted by its name;
+- a path: a state dict in the encoder's official layout (keys and shapes checked; its
+  sha256 is recorded, nothing is compared: it is not an official file).
 
 Everything that can go wrong with weights raises :class:`WeightsError` while the
 encoder is loaded, before any extraction work starts.
@@ -33,6 +37,8 @@ OFFLINE_ENV = "AVEPIPE_OFFLINE"  # "1": never try to download
 TIMEOUT_ENV = "AVEPIPE_DOWNLOAD_TIMEOUT"  # socket timeout in s for downloads (default 20)
 DEFAULT_SEED = 0
 _HASH_RE = re.compile(r"-([a-f0-9]{6,})\.")  # torch.hub naming: name-<sha256 prefix>.ext
+# the page that states torch.hub's naming convention (the name's hex suffix is a sha256 prefix)
+HUB_NAMING = "https://pytorch.org/docs/stable/hub.html#torch.hub.load_state_dict_from_url"
 
 
 class WeightsError(RuntimeError):
@@ -41,19 +47,28 @@ class WeightsError(RuntimeError):
 
 @dataclass(frozen=True)
 class OfficialWeights:
-    """A publisher's weight file, identified by its official file name."""
+    """A publisher's weight file, identified by its official file name and checked against
+    what the publisher states about it (``pinned_by`` says where)."""
 
     id: str  # provenance id, e.g. "torchvision:ResNet50_Weights.IMAGENET1K_V2"
     filename: str  # official file name, kept as is in the cache
     url: str
-    # True where the publisher puts the sha256 prefix in the name (torchvision does;
-    # torchvggish / Zenodo do not say so, so their names are not trusted as hashes).
+    # True where the name carries the sha256 prefix (torch.hub's `name-<sha256 prefix>.ext`)
     check_hash: bool = False
+    sha256: str | None = None  # full digests / size where the publisher gives them
+    md5: str | None = None
+    size: int | None = None  # bytes
+    pinned_by: str | None = None  # URL of the page that states the hash / size
 
     @property
     def hash_prefix(self) -> str | None:
         m = _HASH_RE.search(self.filename)
         return m.group(1) if (self.check_hash and m) else None
+
+    @property
+    def pinned(self) -> bool:
+        """Whether anything about the file's content is checked."""
+        return bool(self.hash_prefix or self.sha256 or self.md5 or self.size is not None)
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,7 @@ class ResolvedWeights:
     path: Path | None = None
     source: str | None = None  # URL or local path
     seed: int | None = None
+    sha256: str | None = None  # of the file, when already computed (official files)
 
 
 def checkpoint_dir() -> Path:
@@ -83,11 +99,62 @@ def _missing_message(ow: OfficialWeights, dest: Path, why: str) -> str:
     )
 
 
-def fetch_official(ow: OfficialWeights) -> Path:
-    """Path of ``ow`` in the torch cache, downloading it when absent and allowed."""
+def file_digests(path: str | os.PathLike, md5: bool = False) -> dict[str, str]:
+    """{"sha256": ..., ("md5": ...)} of a file, in one read."""
+    hs = {"sha256": hashlib.sha256(), **({"md5": hashlib.md5(usedforsecurity=False)} if md5 else {})}
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            for h in hs.values():
+                h.update(block)
+    return {k: h.hexdigest() for k, h in hs.items()}
+
+
+def verify_official(ow: OfficialWeights, path: Path) -> str:
+    """Check ``path`` against what the publisher states for ``ow``; return its sha256.
+    A mismatch is a WeightsError naming the file, what was expected and what was found."""
+    def refuse(what: str, expected: Any, found: Any) -> WeightsError:
+        return WeightsError(
+            f"{path}: not the official {ow.id} file {ow.filename!r}: {what} expected {expected}, "
+            f"found {found}" + (f" (what the publisher states: {ow.pinned_by})" if ow.pinned_by else "") + ".\n"
+            f"  Delete it and download it again from {ow.url}\n"
+            f"  (or give your own file as a path: its sha256 is then recorded, not checked).")
+
+    if ow.size is not None:  # cheap: first
+        size = path.stat().st_size
+        if size != ow.size:
+            raise refuse("size", f"{ow.size} bytes", f"{size} bytes")
+    found = file_digests(path, md5=ow.md5 is not None)
+    sha = found["sha256"]
+    prefix = ow.hash_prefix
+    if prefix and not sha.startswith(prefix):
+        raise refuse("sha256 prefix (from the file name)", prefix, sha)
+    if ow.sha256 and sha != ow.sha256:
+        raise refuse("sha256", ow.sha256, sha)
+    if ow.md5 and found["md5"] != ow.md5:
+        raise refuse("md5", ow.md5, found["md5"])
+    return sha
+
+
+def official_file(ow: OfficialWeights) -> tuple[Path, str]:
+    """(path, sha256) of ``ow`` in the torch cache, downloaded when absent and allowed,
+    verified on every call (see :func:`verify_official`)."""
     dest = checkpoint_dir() / ow.filename
     if dest.is_file():
-        return dest
+        return dest, verify_official(ow, dest)
+    _download(ow, dest)
+    try:
+        return dest, verify_official(ow, dest)
+    except WeightsError:
+        dest.unlink(missing_ok=True)  # our own download: do not leave a bad file under the official name
+        raise
+
+
+def fetch_official(ow: OfficialWeights) -> Path:
+    """Path of ``ow`` in the torch cache (downloaded when absent and allowed), verified."""
+    return official_file(ow)[0]
+
+
+def _download(ow: OfficialWeights, dest: Path) -> None:
     if offline():
         raise WeightsError(_missing_message(ow, dest, f"{OFFLINE_ENV}=1, no download tried"))
     timeout = float(os.environ.get(TIMEOUT_ENV, "20"))
@@ -104,7 +171,6 @@ def fetch_official(ow: OfficialWeights) -> Path:
         raise WeightsError(_missing_message(ow, dest, f"download failed: {type(e).__name__}: {e}")) from e
     finally:
         socket.setdefaulttimeout(old)
-    return dest
 
 
 def _parse_random(weights: str) -> int | None:
@@ -114,12 +180,14 @@ def _parse_random(weights: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def resolve_weights(spec: Any, weights: str, seed: int | None = None) -> ResolvedWeights:
+def resolve_weights(spec: Any, weights: str | None, seed: int | None = None) -> ResolvedWeights:
     """Resolve ``weights`` for encoder ``spec`` (see module docstring).
 
-    ``seed`` overrides the seed of ``"random"``. Official names are matched
-    case-insensitively against ``spec.official``.
+    None means ``spec.default_weights``. ``seed`` overrides the seed of ``"random"``.
+    Official names are matched case-insensitively against ``spec.official``.
     """
+    if weights is None:
+        weights = spec.default_weights
     if not isinstance(weights, (str, os.PathLike)):
         raise WeightsError(f"{spec.name}: weights must be a string or path, got {type(weights).__name__}")
     text = str(weights)
@@ -129,7 +197,8 @@ def resolve_weights(spec: Any, weights: str, seed: int | None = None) -> Resolve
     official = {k.lower(): v for k, v in (spec.official or {}).items()}
     ow = official.get(text.lower())
     if ow is not None:
-        return ResolvedWeights("file", ow.id, path=fetch_official(ow), source=ow.url)
+        path, sha = official_file(ow)
+        return ResolvedWeights("file", ow.id, path=path, source=ow.url, sha256=sha)
     path = Path(text).expanduser()
     if path.is_file():
         path = path.resolve()
@@ -141,11 +210,7 @@ def resolve_weights(spec: Any, weights: str, seed: int | None = None) -> Resolve
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digests(path)["sha256"]
 
 
 _NUMPY_FALLBACK = (
@@ -263,7 +328,7 @@ def layout_of(build: Callable[[], torch.nn.Module]) -> dict[str, tuple]:
 
 def build_with_weights(
     spec: Any,
-    weights: str,
+    weights: str | None,
     build: Callable[[], torch.nn.Module],
     official_layout: Callable[[], dict[str, tuple]] | None = None,
     unwrap: Callable[[Any, str], Any] | None = None,
@@ -310,9 +375,32 @@ def build_with_weights(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # would only happen for state outside the state dict; fail loudly
         raise WeightsError(f"{where}: model tensors not set by the file: {left}")
-    info = {"id": r.id, "sha256": file_sha256(r.path), "source": r.source, "file": r.path.name}
+    info = {"id": r.id, "sha256": r.sha256 or file_sha256(r.path), "source": r.source, "file": r.path.name}
     log.info("%s: loaded %s (sha256 %s)", spec.name, r.path, info["sha256"][:12])
     return model, info
+
+
+def state_over_base(spec: Any, model: torch.nn.Module, base_weights: str | None,
+                    unwrap: Callable[[Any], Any] | None = None,
+                    random_base: Callable[[], torch.nn.Module] | None = None,
+                    seed: int = DEFAULT_SEED) -> dict[str, torch.Tensor]:
+    """``model``'s state dict (CPU copies) completed with every other key of ``base_weights``:
+    the base file's entries (after ``unwrap``), or, for a random base, those of
+    ``random_base()`` built under ``torch.manual_seed(seed)`` (None: nothing added).
+    The model's own tensors always win."""
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    r = resolve_weights(spec, None if base_weights is None else str(base_weights))
+    full: dict = {}
+    if r.kind == "file":
+        obj = read_checkpoint(r.path)
+        full = as_tensor_dict(unwrap(obj) if unwrap is not None else obj, str(r.path))
+    elif random_base is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            full = random_base().state_dict()
+    for k, v in full.items():
+        state.setdefault(k, v)
+    return state
 
 
 def inference_ready(model: torch.nn.Module, device: Any, channels_last: bool) -> torch.nn.Module:

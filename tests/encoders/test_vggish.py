@@ -17,7 +17,7 @@ from avepipe.encoders.weights import WeightsError
 
 torch.set_num_threads(1)
 
-# torchvggish state-dict layout (REFERENCE §2), written out independently of the module
+# torchvggish state-dict layout (docs/reference.md §2.3), written out independently of the module
 LAYOUT = {
     "features.0.weight": (64, 1, 3, 3), "features.0.bias": (64,),
     "features.3.weight": (128, 64, 3, 3), "features.3.bias": (128,),
@@ -137,7 +137,7 @@ def test_pca_postprocessing_matches_numpy(tmp_path):
     # torchvggish's file holds numpy arrays under these names
     torch.save({"pca_eigen_vectors": eig, "pca_means": means}, tmp_path / "pca.pth")
     raw = get_encoder("vggish").load(weights="random:1")
-    enc = get_encoder("vggish").load(weights="random:1", pca=str(tmp_path / "pca.pth"))
+    enc = get_encoder("vggish").load(weights="random:1", pca=True, pca_params=str(tmp_path / "pca.pth"))
     assert "pca" in enc.weights_info and enc.options["pca"] is True
     assert set(enc.model.state_dict()) == set(LAYOUT)  # PCA buffers stay out of the layout
     waves = torch.from_numpy(_waves(2))
@@ -152,7 +152,7 @@ def test_pca_postprocessing_matches_numpy(tmp_path):
 def test_pca_file_with_wrong_shapes(tmp_path):
     torch.save({"pca_eigen_vectors": np.zeros((64, 128)), "pca_means": np.zeros(128)}, tmp_path / "p.pth")
     with pytest.raises(WeightsError, match=r"shape: pca_eigen_vectors file \[64, 128\] expected \[128, 128\]"):
-        get_encoder("vggish").load(weights="random", pca=str(tmp_path / "p.pth"))
+        get_encoder("vggish").load(weights="random", pca=True, pca_params=str(tmp_path / "p.pth"))
 
 
 def test_wrong_keys_rejected(tmp_path):
