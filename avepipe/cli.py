@@ -94,6 +94,36 @@ def cmd_check(a) -> int:
     return 1 if bad else 0
 
 
+def args_status(s):
+    s.add_argument("runs", nargs="*", help="runs to show: names or results/<run> folders (default: every run "
+                                           "of the config)")
+    s.add_argument("--configfile", help="the run's config, as given to snakemake (default: the demo, or the "
+                                        "shipped config of that run name)")
+    s.add_argument("--cores", type=int, help="cores the rest of the run will have, for the ETA "
+                                             "(default: this machine's)")
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cmd_status(a) -> int:
+    import yaml
+
+    from avepipe.status import REPO, format_status, status
+
+    runs = [Path(r).name for r in a.runs]
+    config = a.configfile
+    if config is None and runs:  # a shipped config whose run is the one asked for
+        for p in sorted((REPO / "workflow" / "config").glob("*.yaml")):
+            if (yaml.safe_load(p.read_text()) or {}).get("run") in runs and p.name not in ("demo.yaml",
+                                                                                          "demo_unav.yaml"):
+                config = str(p)
+    st = status(config, runs or None, cores=a.cores)
+    if a.json:
+        _write_json(st, None)
+    else:
+        print(format_status(st, a.cores or os.cpu_count() or 1))
+    return 0
+
+
 def args_schema(s):
     s.add_argument("--write", action="store_true", help="rewrite avepipe/schemas/config.schema.yaml")
     s.add_argument("--check", action="store_true", help="exit 1 if the schema file is out of date")
@@ -410,6 +440,8 @@ COMMANDS = {
     "import-h5": ("turn the released AVE h5 features into avepipe stores", args_import_h5, cmd_import_h5),
     "finetune": ("InfoNCE audio-visual fine-tuning of an encoder (or of both)", args_finetune, cmd_finetune),
     "train": ("train and evaluate one localization head", args_train, cmd_train),
+    "status": ("where a run stands: done/total per stage, failures, ETA from finished jobs' benchmarks",
+               args_status, cmd_status),
     "summarize": ("aggregate head metrics into summary.json / summary.md / plots", args_summarize, cmd_summarize),
 }
 

@@ -11,6 +11,8 @@ rule synth:
         code=fingerprint("synth"),
     log:
         "results/{run}/logs/synth.log",
+    benchmark:
+        "results/{run}/benchmarks/synth.tsv"
     conda:
         CPU_ENV
     shell:

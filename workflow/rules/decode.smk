@@ -19,6 +19,8 @@ rule decode:
         runtime=120,
     log:
         "results/{run}/logs/decode/shard-{shard}.log",
+    benchmark:
+        "results/{run}/benchmarks/decode/shard-{shard}.tsv"
     conda:
         CPU_ENV
     shell:
