@@ -6,7 +6,7 @@ import shlex
 import pytest
 import yaml
 
-from .smk import REPO, commands, dry_run, job_counts, run
+from .smk import REPO, args_of, commands, dry_run, job_counts, run
 
 
 def test_demo_plans_every_stage(tmp_path):
@@ -93,3 +93,20 @@ def test_demo_schedules_the_finetuning_path_first_with_one_thread_extraction(tmp
     assert all("enc=cnn14" in w or "enc=resnet50_ft" in w for w, p in prio.items() if p == 10)
     extract = [b for b in jobs if b.startswith("rule extract:")]
     assert extract and not any("threads:" in b for b in extract)  # 1 thread (snakemake prints only > 1)
+
+
+def test_variants_train_beside_their_head(tmp_path):
+    cfg = yaml.safe_load((REPO / "workflow/config/demo.yaml").read_text())
+    cfg.update(run="variants", also=[])
+    cfg["heads"] = {"ccln": {**cfg["heads"]["ccln"], "variants": {"lam1": {"hparams": {"lam": 1.5}, "epochs": 3}}}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rc, out = run("-n", "-p", "--cores", "2", "--configfile", str(path), cwd=tmp_path, timeout=300)
+    assert rc == 0, out[-3000:]
+    trains = {a["head"]: a for a in map(args_of, commands(out, "train"))}
+    assert set(trains) == {"ccln", "ccln@lam1"}
+    base, var = trains["ccln"], trains["ccln@lam1"]
+    assert json.loads(var["hparams"]) == {**cfg["heads"]["ccln"]["hparams"], "lam": 1.5}  # merged over the head's
+    assert var["epochs"] == "3" and base["epochs"] == str(cfg["heads"]["ccln"]["epochs"])
+    assert var["out-dir"] == "results/variants/heads/ccln@lam1/vgg19+vggish/full/seed0"
+    assert base["out-dir"] == "results/variants/heads/ccln/vgg19+vggish/full/seed0"

@@ -206,6 +206,9 @@ EDITS = {
     # evaluation settings: the head runs and the summary
     "evaluate": (lambda c: c.update(evaluate={"tious": [0.5]}), {}, {"train": 1, "summary": 1, "all": 1}),
     "select_on": (lambda c: c["train"].update(select_on="test"), {}, {"train": 1, "summary": 1, "all": 1}),
+    # a named hyper-parameter variant: only its own training (beside the kept base head) and the summary
+    "variant": (lambda c: c["heads"]["avel"].update(variants={"short": {"epochs": 1, "hparams": {"hidden": 64}}}),
+                {}, {"train": 1, "summary": 1, "all": 1}),
 }
 
 
