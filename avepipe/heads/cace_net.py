@@ -2,7 +2,8 @@
 
 Paper: "CACE-Net: Co-guidance Attention and Contrastive Enhancement for Effective
 Audio-Visual Event Localization" (seeds 000/001). Reference code: Brain-Cog-Lab/CACE-Net,
-``CACE/model/main_model.py::supv_main_model`` (facts taken, code written anew).
+``CACE/model/main_model.py::supv_main_model`` and ``CACE/supv_main.py::train_epoch``
+(facts taken, code written anew).
 
 Pipeline for one video of T segments::
 
@@ -16,8 +17,22 @@ Only the layers the reference's forward pass uses are built, so the parameter co
 the reference's *trained* parameters (9,283,417 for VGG-19 + VGGish with co-guidance), not its
 13.1M as-built count (which includes dead template copies and unused layers).
 
-Numerics: the reference computes the BECE loss with a direct ``exp(cos / 0.01)`` and trains in
-float64; in float32 that overflows. Here eq. 7 is evaluated with log-sum-exp.
+Departures from the printed equations. The defaults follow the released code, which trained
+the published 80.8; the option named restores the printed reading where one exists:
+
+- eq. 12, L_supp (the CMBS background-suppression loss [30]): the released code feeds the gate
+  *probability* p = sigmoid(z_a) * sigmoid(z_v) to ``BCEWithLogitsLoss`` (as CMBS does), i.e.
+  BCE(sigmoid(p), y) with p in (0, 1). ``gate_loss="paper"``: plain BCE(p, y).
+- eq. 11: the video class score adds gamma * the CAS score (top-4 mean of the CMBS
+  class-activation sequences). ``gamma=0`` removes it from eq. 11.
+- eq. 12: one more term, the cross-entropy of the CAS score (released code). No option.
+- eq. 7-8, 10: BECE is switched on at epoch ``bece_start`` * n_epochs (1/8, the released
+  ``contrastive_switch``); before it eq. 10 reads F_av and eq. 7 is not in eq. 12.
+  ``bece_start=0``: from the first epoch.
+- eq. 3 (and the visual self-attention that makes v^g in eq. 1): the self-attention output
+  is added to its input and layer-normalised (released code). No option.
+- eq. 7: evaluated with log-sum-exp instead of a direct ``exp(cos / 0.01)``: the same
+  function (the reference trains in float64; in float32 the direct form overflows).
 """
 from __future__ import annotations
 
@@ -48,7 +63,7 @@ TRAIN_DEFAULTS = {
 GUIDES = ("none", "audio", "visual", "co")
 TEMPORALS = ("bilstm", "lstm", "none")
 BECE_AUGS = ("noise", "channel_mask", "mixup")
-GATE_LOSSES = ("prob", "reference")
+GATE_LOSSES = ("reference", "paper")  # eq. 12 L_supp: released code | printed
 
 
 def _self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -256,8 +271,8 @@ class CACENet(nn.Module):
     hparams: guide ("co"), temporal ("bilstm"), d_model 256, beta 0.4, psi 0.3, alpha 0.1
     (gate scaling), gamma 0.3 (CAS weight), bece (True), lam 0.6 (eq. 8), tau 0.01,
     bece_aug ("noise"), sigma 0.1, contrast_weight 1.0, bece_start 1/8 (fraction of epochs),
-    gate_loss ("prob": BCE on the gate probability, as CMBS defines L_supp; "reference":
-    the released code's BCE-with-logits applied to that probability).
+    gate_loss ("reference": the released code's BCE-with-logits applied to the gate
+    probability; "paper": plain BCE on that probability, as eq. 12 / CMBS print L_supp).
     """
 
     settings = ("full",)
@@ -268,7 +283,7 @@ class CACENet(nn.Module):
                  psi: float = 0.3, alpha: float = 0.1, gamma: float = 0.3, bece: bool = True,
                  lam: float = 0.6, tau: float = 0.01, bece_aug: str = "noise",
                  sigma: float = 0.1, contrast_weight: float = 1.0, bece_start: float = 1 / 8,
-                 gate_loss: str = "prob"):
+                 gate_loss: str = "reference"):
         super().__init__()
         if setting not in self.settings:
             raise ValueError(f"CACE-Net defines settings {self.settings}, got {setting!r}")
@@ -399,13 +414,16 @@ class CACENet(nn.Module):
 
     # --------------------------------------------------------------------- loss
     def _gate_loss(self, gate_logits, target):
+        """L_supp on p = sigmoid(z_a) * sigmoid(z_v), (B,T), against the event mask, in float32
+        at least (bf16 under autocast would round p to 3 digits)."""
+        dt = torch.promote_types(gate_logits.dtype, torch.float32)
+        gate_logits, target = gate_logits.to(dt), target.to(dt)
         if self.gate_loss == "reference":
-            # released code: BCEWithLogits applied to the gate probability
-            p = torch.sigmoid(gate_logits).prod(-1)
-            return F.binary_cross_entropy_with_logits(p, target)
-        # BCE on p = sigmoid(za) * sigmoid(zv), in log space for float32 stability
-        target = target.float() if target.dtype in (torch.float16, torch.bfloat16) else target
-        logp = F.logsigmoid(gate_logits.to(target.dtype)).sum(-1)
+            # released code: nn.BCEWithLogitsLoss()(audio_visual_gate, labels), the gate being
+            # a probability already (a second sigmoid inside the loss), as in CMBS
+            return F.binary_cross_entropy_with_logits(torch.sigmoid(gate_logits).prod(-1), target)
+        # eq. 12 as printed: BCE on p, in log space for float32 stability
+        logp = F.logsigmoid(gate_logits).sum(-1)
         log1mp = torch.where(logp > -math.log(2), torch.log(-torch.expm1(logp)),
                              torch.log1p(-torch.exp(logp)))
         loss = -(target * logp.clamp_min(-100) + (1 - target) * log1mp.clamp_min(-100))

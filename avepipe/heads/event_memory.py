@@ -1,13 +1,51 @@
 """Ge et al., "Learning Event-Specific Localization Preferences for Audio-Visual Event
-Localization", ACM MM 2023 (reference code: ShipingGe/AVEL, class ``MAML``).
+Localization", ACM MM 2023 (reference code: ShipingGe/AVEL, class ``MAML`` in
+``fully_model.py``, ``MEME_WS`` in ``weakly_model.py``, ``AlignedVAMemory`` in
+``memory_bank.py``).
 
 Spatial-temporal audio-visual fusion encoder (paper 3.3) + memory-assisted metric learning
 (MAML, paper 3.4, eq. 2-8) + general classification / localization losses (eq. 9-19) +
 event-aware double-branch inference (EADB, eq. 20-21).
 
-The memory bank holds RAW input features (one segment per training video per class) and is
+The memory bank holds RAW input features (segments of training videos, per class) and is
 re-encoded by the current fusion network at every step (paper 3.4.1, "feature consistency").
 It is model state: persistent buffers, updated inside ``loss()`` during training.
+
+Departures from the paper as printed. The defaults follow the released code where it trained
+the published numbers; the option named restores the printed reading where one exists:
+
+- 3.4.2 bank update (scores eq. 3-4): ``bank_update="reference"`` is the released
+  ``AlignedVAMemory._sort_permutation``: each video of the batch, in batch order, offers its
+  best-scoring segment; it is skipped when a slot of its class already holds an audio vector
+  with the same sum (so a returning segment is never re-scored; other segments of the same
+  video can enter, so one video may hold several slots); otherwise the n slots and it are
+  sorted by score and the top n kept. ``bank_update="paper"``: avepipe's reading of 3.4.2
+  (the text does not say what a returning video does): one entry per video, replaced on each
+  visit by its current best segment with its current score. Ties: see
+  ``EventMemory._update_bank_reference``.
+- 4.4.1 bank size: the paper reports 16 as best; the released scripts' default is 32 (full,
+  ``fully_supervised_main.py``) and 20 (weak, ``weakly_supervised_main.py``), the default
+  here. ``bank_size=16``: the paper's.
+- eq. 6: temperature 0.1 in the released code, 1 in the text (4.1.3). ``tau=1``.
+- eq. 6-7: L_p is one distribution per video over the segment-mean distance (the eq. 20
+  distance), as the released code. ``prototype_loss="segment"``: one per segment, eq. 6-7.
+- eq. 6, 8, 18, 20, 21: Euclidean distances divided by sqrt(D) (released code; the margins
+  0.7 / 0.9 live on that scale). No option.
+- eq. 8: the event term and the background term are each averaged over their own segments
+  of the video, not 1/T over all (released code). No option.
+- eq. 10, 12: dropout 0.2 on the event and relevance logits in training (released code).
+  No option.
+
+Where the default keeps the printed reading and the released code differs:
+
+- eq. 5: an empty bank slot is masked out (the mean over the L stored features); the
+  released bank starts as zero features that are encoded and averaged in until real
+  segments push them out. No option.
+- eq. 20 (weak): the released weak inference adds softmax(classifier) to the prototype
+  scores: ``class_branch="prototype+classifier"``.
+- Background-only videos (the weak setting's extra videos) are neither stored in the bank nor
+  given a class in eq. 11, 17, 6-7, 18; the released weak code files them under class 0 (the
+  argmax of an all-zero label row). No option.
 """
 from __future__ import annotations
 
@@ -29,6 +67,9 @@ TRAIN_DEFAULTS = {
 }
 
 _NEG = float("-inf")
+BANK_UPDATES = ("reference", "paper")
+# --bank_size defaults of the released fully_supervised_main.py / weakly_supervised_main.py
+RELEASED_BANK_SIZE = {"full": 32, "weak": 20}
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -165,16 +206,19 @@ class EventMemory(nn.Module):
     "single"). ``class_branch="prototype+classifier"`` is the reference weak-code inference.
     ``prototype_loss``: "video" (reference code: one eq. 6 distribution per video from the
     segment-mean distance, as eq. 20) or "segment" (eq. 6-7 as printed, every segment).
+    ``bank_update``: "reference" (released code) or "paper" (one entry per video, re-scored);
+    ``bank_size``: None = the released scripts' default for the setting (32 full, 20 weak);
+    16 is the paper's. See the module docstring for both.
     """
 
     settings = ("full", "weak")
 
     def __init__(self, visual_shape, audio_dim, setting="full", num_classes=28, *,
-                 hidden=256, heads=4, ffn=1024, n_layers=1, dropout=0.1, bank_size=16,
+                 hidden=256, heads=4, ffn=1024, n_layers=1, dropout=0.1, bank_size=None,
                  margin=None, tau=0.1, lambdas=(1.0, 1.0, 0.01, 0.1, 0.1), prototype_loss="video",
                  use_audio=True, use_visual=True, use_transformer=True, spatial_fusion=True,
                  temporal_fusion=True, jsd_update=True, bank_consistency=True,
-                 branch="eadb", class_branch="prototype"):
+                 branch="eadb", class_branch="prototype", bank_update="reference"):
         super().__init__()
         if setting not in self.settings:
             raise ValueError(f"setting {setting!r} not in {self.settings}")
@@ -184,6 +228,12 @@ class EventMemory(nn.Module):
             raise ValueError(f"class_branch {class_branch!r}")
         if prototype_loss not in ("video", "segment"):
             raise ValueError(f"prototype_loss {prototype_loss!r} not in ('video', 'segment')")
+        if bank_update not in BANK_UPDATES:
+            raise ValueError(f"bank_update {bank_update!r} not in {BANK_UPDATES}")
+        if bank_size is None:
+            bank_size = RELEASED_BANK_SIZE[setting]
+        if int(bank_size) < 1:
+            raise ValueError(f"bank_size must be >= 1, got {bank_size!r}")
         if branch == "single" and setting != "full":
             raise ValueError("branch='single' needs segment labels (full setting)")
         if not (use_audio or use_visual):
@@ -203,6 +253,7 @@ class EventMemory(nn.Module):
         self.spatial_fusion, self.temporal_fusion = spatial_fusion, temporal_fusion
         self.jsd_update, self.bank_consistency = jsd_update, bank_consistency
         self.branch, self.class_branch, self.bank_size = branch, class_branch, int(bank_size)
+        self.bank_update = bank_update
 
         if use_transformer:
             enc = lambda: _Stack(lambda: _Block(hidden, heads, ffn, dropout), n_layers)  # noqa: E731
@@ -247,7 +298,8 @@ class EventMemory(nn.Module):
             self.register_buffer("bank_feats", torch.zeros(num_classes, n, hidden))
         self.register_buffer("bank_score", torch.zeros(num_classes, n))
         self.register_buffer("bank_filled", torch.zeros(num_classes, n, dtype=torch.bool))
-        # per-entry video fingerprint: one segment per training video per class
+        # per-entry fingerprint. "reference": [sum of the segment's raw audio vector, 0], the
+        # released code's duplicate test; "paper": a whole-video fingerprint (one per video)
         self.register_buffer("bank_key", torch.zeros(num_classes, n, 2, dtype=torch.float64))
         self._cache = None
 
@@ -356,10 +408,102 @@ class EventMemory(nn.Module):
 
     @torch.no_grad()
     def update_bank(self, visual, audio, feats, scores, labels, valid):
-        """3.4.2: per video take its highest-scoring segment; per class keep the top-n by score,
-        one entry per video (a returning video's entry is replaced by its current candidate).
-        Vectorised over the batch: one top-k over [bank | candidates] per class."""
+        """3.4.2 bank update with relation scores ``scores`` (B,T) (eq. 3-4); videos whose
+        ``valid`` is False (no event) are not offered. Dispatches on ``bank_update``."""
         visual, audio = self._prep(visual, audio)
+        if self.bank_update == "reference":
+            return self._update_bank_reference(visual, audio, feats, scores, labels, valid)
+        return self._update_bank_paper(visual, audio, feats, scores, labels, valid)
+
+    def _update_bank_reference(self, visual, audio, feats, scores, labels, valid):
+        """The released ``AlignedVAMemory._update_queue`` / ``_sort_permutation``
+        (ShipingGe/AVEL ``memory_bank.py``), rule for rule:
+
+        - each video of the batch, in batch order, offers its highest-scoring segment (the
+          first on ties, as ``max``) with that score;
+        - it is skipped if any of the n slots of its class holds an audio vector with the same
+          sum (``if sa not in sf``); an empty slot is all zeros, sum 0;
+        - otherwise the n slots and the newcomer are sorted by score, descending, and the
+          first n kept: the raw visual map, the raw audio vector and the score at insertion.
+          A stored score never changes; an entry leaves only by being pushed out. Empty slots
+          count as score 0 (all real scores are > 0, so they go first).
+
+        Ties: the released ``torch.sort`` is not stable (which tied entry survives depends on
+        the torch version and device); here the order is stable: entries already in the bank
+        stay ahead of a newcomer with an equal score. The audio sum is taken in float64 (the
+        released code: float32), so the test does not depend on the reduction order; identical
+        vectors, the case it catches, give equal sums either way.
+
+        The decisions need only the (C,n) scores / sums and the B offers: one copy to the host,
+        the sequential rule in Python, then only the classes whose bank changed are rewritten."""
+        C, n = self.bank_score.shape
+        B = labels.shape[0]
+        dev = self.bank_score.device
+        sel_score, sel = scores.float().max(1)
+        ar = torch.arange(B, device=dev)
+        seg_v, seg_a = visual[ar, sel], audio[ar, sel]
+        key = seg_a.double().sum(-1)
+        host = torch.cat([self.bank_score.double().reshape(-1), self.bank_key[..., 0].reshape(-1),
+                          self.bank_filled.double().reshape(-1), sel_score.double(), key,
+                          labels.double(), valid.double()]).tolist()  # one device sync
+        cn = C * n
+        b_score, b_key, b_fill = host[:cn], host[cn:2 * cn], host[2 * cn:3 * cn]
+        c_score, c_key = host[3 * cn:3 * cn + B], host[3 * cn + B:3 * cn + 2 * B]
+        c_label, c_valid = host[3 * cn + 2 * B:3 * cn + 3 * B], host[3 * cn + 3 * B:]
+
+        # slot item: (score, audio sum, source); source = flat bank slot, cn + b for video b,
+        # or -1 for an empty slot (zeros: score 0, sum 0)
+        banks = {}
+        for b in range(B):
+            if not c_valid[b]:
+                continue
+            c = int(c_label[b])
+            items = banks.get(c)
+            if items is None:
+                items = [(b_score[i], b_key[i], i) if b_fill[i] else (0.0, 0.0, -1)
+                         for i in range(c * n, (c + 1) * n)]
+            if any(k == c_key[b] for _, k, _ in items):  # released: `if sa not in sf`
+                banks[c] = items
+                continue
+            # sorted() is stable, also with reverse=True: incumbents stay ahead on ties
+            banks[c] = sorted(items + [(c_score[b], c_key[b], cn + b)],
+                              key=lambda it: it[0], reverse=True)[:n]
+        changed = [c for c, items in sorted(banks.items())
+                   if [src for _, _, src in items] != [i if b_fill[i] else -1
+                                                        for i in range(c * n, (c + 1) * n)]]
+        if not changed:
+            return
+        src = [s for c in changed for _, _, s in banks[c]]
+        dst_b = [j for j, s_ in enumerate(src) if 0 <= s_ < cn]
+        dst_c = [j for j, s_ in enumerate(src) if s_ >= cn]
+        idx = dict(cls=torch.tensor(changed, device=dev),
+                   dst_b=torch.tensor(dst_b, dtype=torch.long, device=dev),
+                   src_b=torch.tensor([src[j] for j in dst_b], dtype=torch.long, device=dev),
+                   dst_c=torch.tensor(dst_c, dtype=torch.long, device=dev),
+                   src_c=torch.tensor([src[j] - cn for j in dst_c], dtype=torch.long, device=dev))
+
+        def write(buf, cand):
+            """Rows of the changed classes rebuilt from old slots / offers / zeros."""
+            flat = buf.reshape(cn, *buf.shape[2:])
+            new = buf.new_zeros(len(src), *buf.shape[2:])
+            new[idx["dst_b"]] = flat[idx["src_b"]]
+            new[idx["dst_c"]] = cand[idx["src_c"]].to(buf.dtype)
+            buf[idx["cls"]] = new.reshape(len(changed), n, *buf.shape[2:])
+
+        if self.bank_consistency:  # RAW features (3.4.1)
+            write(self.bank_visual, seg_v)
+            write(self.bank_audio, seg_a)
+        else:
+            write(self.bank_feats, feats[ar, sel].detach().float())
+        write(self.bank_key, torch.stack([key, torch.zeros_like(key)], -1))
+        write(self.bank_score, sel_score)
+        write(self.bank_filled, torch.ones_like(valid))
+
+    def _update_bank_paper(self, visual, audio, feats, scores, labels, valid):
+        """avepipe's reading of 3.4.2: per video take its highest-scoring segment; per class
+        keep the top-n by score, one entry per video (a returning video's entry is replaced by
+        its current candidate). Vectorised over the batch: one top-k over [bank | candidates]
+        per class."""
         C, n = self.bank_score.shape
         B = labels.shape[0]
         dev = self.bank_score.device

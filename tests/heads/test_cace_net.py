@@ -183,7 +183,7 @@ def test_bece_switch_follows_epoch_and_persists():
 
 def test_loss_terms_match_eq12():
     torch.manual_seed(0)
-    model = CACENet((2, 2, 16), 8, gate_loss="prob")
+    model = CACENet((2, 2, 16), 8)
     b = _batch(visual_shape=(2, 2, 16), audio_dim=8)
     out = model(b["visual"], b["audio"])
     total, logs = model.loss(out, b, epoch=100, n_epochs=200)
@@ -194,15 +194,48 @@ def test_loss_terms_match_eq12():
     assert logs["class"] == pytest.approx(F.cross_entropy(out["event_logits"], cls).item(),
                                           rel=1e-5)
     assert logs["cas"] == pytest.approx(F.cross_entropy(out["cas"], cls).item(), rel=1e-5)
-    assert logs["gate"] == pytest.approx(F.binary_cross_entropy(out["av_gate"], mask).item(),
-                                         rel=1e-4)
     parts = logs["is_event"] + logs["class"] + logs["gate"] + logs["cas"] + logs["contrast"]
     assert total.item() == pytest.approx(parts, rel=1e-5)
-    ref_model = CACENet((2, 2, 16), 8, gate_loss="reference")
-    ref_model.load_state_dict(model.state_dict())
-    _, ref_logs = ref_model.loss(out, b, epoch=100, n_epochs=200)
-    assert ref_logs["gate"] == pytest.approx(
-        F.binary_cross_entropy_with_logits(out["av_gate"], mask).item(), rel=1e-5)
+
+
+def _gate_probability_by_hooks(model, b):
+    """p = sigmoid(audio gate) * sigmoid(video gate), read off the two gate layers' outputs
+    (not the model's own av_gate / gate_logits outputs)."""
+    seen = {}
+    hooks = [getattr(model, name).register_forward_hook(
+        lambda mod, inp, o, name=name: seen.__setitem__(name, o.detach()))
+        for name in ("audio_gate", "video_gate")]
+    out = model(b["visual"], b["audio"])
+    for h in hooks:
+        h.remove()
+    p = (torch.sigmoid(seen["audio_gate"].double()) * torch.sigmoid(seen["video_gate"].double()))
+    return out, p.squeeze(-1)
+
+
+def test_gate_loss_reference_default_and_paper_option():
+    """Default = the released code's nn.BCEWithLogitsLoss applied to the gate probability;
+    gate_loss="paper" = plain nn.BCELoss on it (eq. 12 / CMBS as printed)."""
+    assert CACENet((2, 2, 16), 8).gate_loss == "reference"
+    torch.manual_seed(0)
+    b = _batch(visual_shape=(2, 2, 16), audio_dim=8)
+    mask = b["event_mask"].double()
+    ref_model = CACENet((2, 2, 16), 8).eval()  # eval: no dropout, same forward twice
+    out, p = _gate_probability_by_hooks(ref_model, b)
+    assert p.shape == mask.shape and ((p > 0) & (p < 1)).all()
+    _, logs = ref_model.loss(out, b, epoch=100, n_epochs=200)
+    released = torch.nn.BCEWithLogitsLoss()(p, mask).item()
+    printed = torch.nn.BCELoss()(p, mask).item()
+    assert abs(released - printed) > 0.05  # the two readings differ on this batch
+    assert logs["gate"] == pytest.approx(released, rel=1e-5)
+
+    paper = CACENet((2, 2, 16), 8, gate_loss="paper").eval()
+    paper.load_state_dict(ref_model.state_dict())
+    out, p2 = _gate_probability_by_hooks(paper, b)
+    assert torch.equal(p, p2)
+    _, logs = paper.loss(out, b, epoch=100, n_epochs=200)
+    assert logs["gate"] == pytest.approx(printed, rel=1e-5)
+    with pytest.raises(ValueError, match="gate_loss"):
+        CACENet((2, 2, 16), 8, gate_loss="prob")
 
 
 @pytest.mark.parametrize("aug", ["noise", "channel_mask", "mixup"])

@@ -43,6 +43,21 @@ def test_parameter_count_matches_reference(adim, ref):
     assert "bank_visual" in m.state_dict() and "bank_audio" in m.state_dict()
 
 
+def test_bank_defaults_are_the_released_code():
+    """bank_update "reference"; bank size = the released scripts' --bank_size defaults
+    (fully_supervised_main.py 32, weakly_supervised_main.py 20); the paper's 16 on request."""
+    full, weak = EventMemory((4,), 3, "full"), EventMemory((4,), 3, "weak")
+    assert full.bank_update == weak.bank_update == "reference"
+    assert full.bank_size == 32 and full.bank_score.shape == (28, 32)
+    assert weak.bank_size == 20 and weak.bank_visual.shape == (28, 20, 1, 4)
+    paper = EventMemory((4,), 3, bank_size=16, bank_update="paper")
+    assert paper.bank_size == 16 and paper.bank_update == "paper"
+    with pytest.raises(ValueError, match="bank_update"):
+        EventMemory((4,), 3, bank_update="fifo")
+    with pytest.raises(ValueError, match="bank_size"):
+        EventMemory((4,), 3, bank_size=0)
+
+
 def test_train_defaults():
     for s in EventMemory.settings:
         d = TRAIN_DEFAULTS[s]
@@ -109,7 +124,7 @@ def _update(m, vals, scores, labels):
 
 
 def test_bank_fills_keeps_top_n_and_stores_raw_segment():
-    m = _bank_model()
+    m = _bank_model(bank_update="paper")
     v, a = _update(m, [1.0, 2.0], [[0.1, 0.9], [0.8, 0.3]], [0, 0])
     assert m.bank_filled[0].tolist() == [True, True, False] and not m.bank_filled[1].any()
     assert torch.allclose(m.bank_score[0, :2], torch.tensor([0.9, 0.8]))  # sorted best first
@@ -127,7 +142,7 @@ def test_bank_fills_keeps_top_n_and_stores_raw_segment():
 
 
 def test_bank_one_entry_per_video():
-    m = _bank_model()
+    m = _bank_model(bank_update="paper")
     _update(m, [1.0, 2.0], [[0.3, 0.2], [0.5, 0.1]], [0, 0])
     # video 1 returns with a better score on its other segment: replaces its own slot
     _update(m, [2.0], [[0.1, 0.7]], [0])
@@ -143,6 +158,180 @@ def test_bank_one_entry_per_video():
     _update(m, [4.0, 2.0], [[0.01, 0.0], [0.6, 0.0]], [0, 0])
     assert torch.allclose(m.bank_score[0], torch.tensor([0.6, 0.5, 0.05]))
     assert not (m.bank_visual[0] == 4.0).all(-1).all(-1).any()
+
+
+# Hand-built sequence of bank updates for both modes. Video v has T=2 segments; segment t
+# carries visual value 10*v + t everywhere and audio [v + t/4, 0] (audio sum v + t/4) unless
+# overridden. Scores are exact binary fractions. Expected banks were derived by hand:
+# "reference" from the released AlignedVAMemory._sort_permutation (ShipingGe/AVEL
+# memory_bank.py), "paper" from avepipe's one-entry-per-video rule.
+def _video(v, audio0=None):
+    vis = torch.tensor([10.0 * v, 10.0 * v + 1])[:, None, None].expand(2, 4, 3)
+    aud = torch.tensor([[v, 0.0], [v + 0.25, 0.0]])
+    if audio0 is not None:
+        aud[0] = torch.tensor(audio0)
+    return vis, aud
+
+
+VIDEOS = {v: _video(v) for v in (1, 2, 3, 4, 6, 8, 9)}
+VIDEOS[5] = _video(5, audio0=[0.5, -0.5])   # segment 0: audio sum exactly 0 (an empty slot's)
+VIDEOS[7] = _video(7, audio0=[6.0, 0.0])    # segment 0: the same audio as video 6's segment 0
+
+
+def _offer(m, offers, label):
+    """offers: [(video, scores (2,))] of one class, in batch order."""
+    vis = torch.stack([VIDEOS[v][0] for v, _ in offers])
+    aud = torch.stack([VIDEOS[v][1] for v, _ in offers])
+    m.update_bank(vis, aud, None, torch.tensor([s for _, s in offers]),
+                  torch.full((len(offers),), label), torch.ones(len(offers), dtype=torch.bool))
+
+
+def _bank(m, c):
+    """Class c's slots as (visual value = 10*video + segment, score) ; None for empty."""
+    out = []
+    for j in range(m.bank_size):
+        if not m.bank_filled[c, j]:
+            assert float(m.bank_score[c, j]) == 0 and not m.bank_visual[c, j].any()
+            out.append(None)
+            continue
+        vis = m.bank_visual[c, j]
+        assert (vis == vis.flatten()[0]).all()
+        v, t = divmod(int(vis.flatten()[0]), 10)
+        assert torch.equal(m.bank_audio[c, j], VIDEOS[v][1][t])  # raw audio of that segment
+        out.append((int(vis.flatten()[0]), float(m.bank_score[c, j])))
+    return out
+
+
+def test_bank_update_reference_hand_sequence():
+    m = _bank_model()
+    assert m.bank_update == "reference"
+    # 1: video 1 offers its segment 1 (0.875), video 2 its segment 0 (0.5); empty slots score 0
+    _offer(m, [(1, [0.25, 0.875]), (2, [0.5, 0.125])], 0)
+    assert _bank(m, 0) == [(11, 0.875), (20, 0.5), None]
+    # 2: video 1 returns with its OTHER segment: a second slot of the same video
+    _offer(m, [(1, [0.9375, 0.75])], 0)
+    assert _bank(m, 0) == [(10, 0.9375), (11, 0.875), (20, 0.5)]
+    # 3: video 2 returns with segment 0 again, higher score: same audio sum is in the bank,
+    #    skipped; its stored score stays 0.5 (never re-scored)
+    _offer(m, [(2, [0.96875, 0.0])], 0)
+    assert _bank(m, 0) == [(10, 0.9375), (11, 0.875), (20, 0.5)]
+    # 4: a tie with the lowest entry (0.5): the incumbent stays ahead, the newcomer falls off
+    _offer(m, [(3, [0.5, 0.0])], 0)
+    assert _bank(m, 0) == [(10, 0.9375), (11, 0.875), (20, 0.5)]
+    # 5: batch order matters. [4, 2]: video 4 pushes segment 20 out, then 20 is no longer in
+    #    the bank and re-enters with its new score, pushing 11 out. [2, 4]: 20 is still in
+    #    when video 2 offers it (skipped), then video 4 pushes it out.
+    m2 = copy.deepcopy(m)
+    _offer(m, [(4, [0.984375, 0.0]), (2, [0.90625, 0.0])], 0)
+    assert _bank(m, 0) == [(40, 0.984375), (10, 0.9375), (20, 0.90625)]
+    _offer(m2, [(2, [0.90625, 0.0]), (4, [0.984375, 0.0])], 0)
+    assert _bank(m2, 0) == [(40, 0.984375), (10, 0.9375), (11, 0.875)]
+    # 6: class 1 (empty bank, 3 slots of audio sum 0): video 5's segment 0 sums to 0 -> skipped;
+    #    video 7's segment 0 has the audio of video 6's, inserted just before it -> skipped
+    _offer(m, [(5, [0.75, 0.0]), (6, [0.25, 0.0]), (7, [0.875, 0.0])], 1)
+    assert _bank(m, 1) == [(60, 0.25), None, None]
+    # 7: once no slot is empty, the zero-sum segment enters
+    _offer(m, [(8, [0.5, 0.0]), (9, [0.375, 0.0]), (5, [0.75, 0.0])], 1)
+    assert _bank(m, 1) == [(50, 0.75), (80, 0.5), (90, 0.375)]
+    assert _bank(m, 0) == [(40, 0.984375), (10, 0.9375), (20, 0.90625)]  # class 0 untouched
+
+
+def test_bank_update_paper_hand_sequence():
+    """The same offers under bank_update="paper": one entry per video, re-scored on each visit."""
+    m = _bank_model(bank_update="paper")
+    _offer(m, [(1, [0.25, 0.875]), (2, [0.5, 0.125])], 0)
+    assert _bank(m, 0) == [(11, 0.875), (20, 0.5), None]
+    _offer(m, [(1, [0.9375, 0.75])], 0)           # video 1's slot now holds its segment 0
+    assert _bank(m, 0) == [(10, 0.9375), (20, 0.5), None]
+    _offer(m, [(2, [0.96875, 0.0])], 0)           # video 2 re-scored
+    assert _bank(m, 0) == [(20, 0.96875), (10, 0.9375), None]
+    _offer(m, [(3, [0.5, 0.0])], 0)
+    assert _bank(m, 0) == [(20, 0.96875), (10, 0.9375), (30, 0.5)]
+    m2 = copy.deepcopy(m)
+    _offer(m, [(4, [0.984375, 0.0]), (2, [0.90625, 0.0])], 0)
+    assert _bank(m, 0) == [(40, 0.984375), (10, 0.9375), (20, 0.90625)]
+    _offer(m2, [(2, [0.90625, 0.0]), (4, [0.984375, 0.0])], 0)  # order does not matter here
+    assert _bank(m2, 0) == _bank(m, 0)
+    _offer(m, [(5, [0.75, 0.0]), (6, [0.25, 0.0]), (7, [0.875, 0.0])], 1)
+    assert _bank(m, 1) == [(70, 0.875), (50, 0.75), (60, 0.25)]
+    _offer(m, [(8, [0.5, 0.0]), (9, [0.375, 0.0]), (5, [0.75, 0.0])], 1)
+    assert _bank(m, 1) == [(70, 0.875), (50, 0.75), (80, 0.5)]
+
+
+class _ReleasedBank:
+    """ShipingGe/AVEL memory_bank.py AlignedVAMemory, transcribed line for line (feature shapes
+    and class count as arguments instead of 7x7x512 / 128 / 28)."""
+
+    def __init__(self, n_class, n_mu, vshape, adim):
+        self.n_mu = n_mu
+        self.cls_v_queue = torch.zeros(n_class, n_mu, *vshape)
+        self.cls_a_queue = torch.zeros(n_class, n_mu, adim)
+        self.cls_sc_queue = torch.zeros(n_class, n_mu)
+
+    def _update_queue(self, inp_v, inp_a, inp_sc, cls_idx):
+        for i in range(len(cls_idx)):
+            self._sort_permutation(inp_v[i], inp_a[i], inp_sc[i], cls_idx[i])
+
+    def _sort_permutation(self, inp_v, inp_a, inp_sc, idx):
+        sf = self.cls_a_queue[idx].sum(-1)
+        sa = inp_a.sum(-1)
+        if sa not in sf:
+            concat_sc = torch.cat([self.cls_sc_queue[idx], inp_sc.unsqueeze(0)], 0)
+            concat_v = torch.cat([self.cls_v_queue[idx], inp_v.unsqueeze(0)], 0)
+            concat_a = torch.cat([self.cls_a_queue[idx], inp_a.unsqueeze(0)], 0)
+            sorted_sc, indices = torch.sort(concat_sc, descending=True)
+            self.cls_v_queue[idx] = torch.index_select(concat_v, 0, indices[:self.n_mu])
+            self.cls_a_queue[idx] = torch.index_select(concat_a, 0, indices[:self.n_mu])
+            self.cls_sc_queue[idx] = sorted_sc[:self.n_mu]
+
+
+def _released_offer(bank, audio, video, scores, labels):
+    """MAML.forward's selection: best segment per video by one-hot product-sum."""
+    T = scores.shape[1]
+    selected_scores, selected_idx = scores.max(dim=1)
+    selected_idx = torch.nn.functional.one_hot(selected_idx, num_classes=T).unsqueeze(-1)
+    selected_audio = (audio * selected_idx).sum(1)
+    selected_video = (video * selected_idx.unsqueeze(-1).unsqueeze(-1)).sum(1)
+    bank._update_queue(selected_video, selected_audio, selected_scores, labels)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bank_update_reference_equals_released_code_on_random_visits(seed):
+    """Random batches of returning videos (some sharing audio, one segment of audio sum 0):
+    after every batch the bank equals the transcribed released AlignedVAMemory, slot for
+    slot (its empty slots are zeros; so are avepipe's). Distinct scores: no ties."""
+    g = torch.Generator().manual_seed(seed)
+    V, T, C, n, steps, B = 12, 3, 3, 4, 14, 5
+    visual = torch.randn(V, T, 2, 2, 3, generator=g)
+    audio = torch.randn(V, T, 4, generator=g)
+    audio[5, 0] = audio[2, 1]                      # same audio in two videos of class 2
+    audio[7, 0] = torch.tensor([1.5, -1.5, 0.25, -0.25])  # sum exactly 0, class 1
+    labels = torch.arange(V) % C
+    all_scores = (torch.randperm(steps * B * T, generator=g).float() + 1) / (steps * B * T)
+    all_scores = all_scores.reshape(steps, B, T)
+    all_scores[:, :, 0] += (torch.arange(B) % 2).float()  # favour segment 0 half the time
+    m = EventMemory((2, 2, 3), 4, num_classes=C, bank_size=n, **TINY)
+    paper = EventMemory((2, 2, 3), 4, num_classes=C, bank_size=n, bank_update="paper", **TINY)
+    ref = _ReleasedBank(C, n, (2, 2, 3), 4)
+    differs = False
+    for step in range(steps):
+        vids = torch.randint(0, V, (B,), generator=g)
+        sc = all_scores[step]
+        _released_offer(ref, audio[vids], visual[vids], sc, labels[vids])
+        for model in (m, paper):
+            model.update_bank(visual[vids], audio[vids], None, sc, labels[vids],
+                              torch.ones(B, dtype=torch.bool))
+        assert torch.equal(m.bank_score, ref.cls_sc_queue), step
+        assert torch.equal(m.bank_visual.reshape(ref.cls_v_queue.shape), ref.cls_v_queue), step
+        assert torch.equal(m.bank_audio, ref.cls_a_queue), step
+        assert torch.equal(m.bank_filled, ref.cls_sc_queue > 0), step
+        differs |= not torch.equal(paper.bank_score, ref.cls_sc_queue)
+    assert differs  # the "paper" rule is a different bank on the same visits
+    # several segments of one video held at once, somewhere (the released behaviour)
+    keys = [(int(v), t) for v in range(V) for t in range(T)]
+    held = [[k for k in keys if any(torch.equal(audio[k[0], k[1]], m.bank_audio[c, j])
+                                    for j in range(n) if m.bank_filled[c, j])] for c in range(C)]
+    assert any(len({v for v, _ in h}) < len(h) for h in held)
 
 
 def test_bank_is_reencoded_with_current_weights():
