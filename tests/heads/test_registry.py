@@ -12,10 +12,29 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_registry_names():
-    assert set(H.HEADS) == {"cace_net", "ccln", "event_memory", "avel", "audio_only", "visual_only"}
-    assert H.HEADS["avel"] == "avepipe.heads.baselines:AVEL"
-    assert {"avel", "audio_only", "visual_only"} <= set(H.available())
+AVE_HEADS = {"cace_net", "ccln", "event_memory", "avel", "audio_only", "visual_only"}
+
+
+def test_registry_names_trainers_and_settings():
+    assert set(H.HEADS) == AVE_HEADS | {"dense"}
+    assert H.HEADS["avel"].target == "avepipe.heads.baselines:AVEL"
+    assert {n for n, e in H.HEADS.items() if e.trainer == "ave"} == AVE_HEADS
+    assert H.HEADS["dense"].trainer == "dense" and H.HEADS["dense"].format == "unav100"
+    assert {"avel", "audio_only", "visual_only", "dense"} <= set(H.available())
+    # settings are the class's own; a setting a head does not implement is refused
+    assert H.settings("cace_net") == ("full",) and H.settings("dense") == ("full",)
+    assert set(H.settings("ccln")) == {"full", "weak", "cml"}
+    assert H.module_file("visual_only") == "heads/baselines.py"
+
+
+def test_hparams_are_the_constructor_keywords():
+    hp = H.hparams("ccln")
+    assert hp["lam"] == 150.0 and hp["branch"] == "AV+V" and "setting" not in hp and "audio_dim" not in hp
+    assert {"avca", "bece", "levels"} <= set(H.hparams("dense"))
+    with pytest.raises(ValueError, match="lamb"):
+        H.build("ccln", (7, 7, 512), 128, lamb=1.0)
+    with pytest.raises(ValueError, match="dense"):
+        H.build("dense", (512,), 128)
 
 
 def test_import_is_lazy():
@@ -34,7 +53,7 @@ def _head_or_skip(name):
         pytest.skip(f"{name} not importable: {e}")
 
 
-CASES = [(name, feats) for name in H.HEADS for feats in ("vgg19+vggish", "resnet50+cnn14")]
+CASES = [(name, feats) for name in sorted(AVE_HEADS) for feats in ("vgg19+vggish", "resnet50+cnn14")]
 
 
 @pytest.mark.parametrize("name,feats", CASES)
