@@ -7,6 +7,14 @@ overlaps the model forward in the main process. Audio encoders read the decoded
 shard's ``audio_<rate>`` waveform. Each video is isolated: a failure marks that row
 ``failed`` with its reason and the shard still completes.
 
+Which frames and samples an encoder sees is its recipe's business: an encoder's options
+object (``spec.check_options(...)``) may define
+* ``select_frames(path, starts, span, per_step, duration) -> frames | None`` (visual), and
+* ``cut_audio(wave, rate, starts, span, windowed) -> rows | None`` (audio);
+None (or no such method) means the defaults below: frames by presentation time at the
+centres of ``per_step`` equal parts of each step, and 1-s chunks of the waveform.
+:func:`visual_frames` and :func:`audio_inputs` apply them (fine-tuning uses the same two).
+
 Two step grids:
 * AVE (``window=None``): one step per 1-s segment, ``n_segments`` steps.
 * UnAV (``window``/``hop`` in s): steps start at k*hop while start+window <= duration,
@@ -56,8 +64,8 @@ def frame_times(starts: np.ndarray, span: float, per_step: int) -> np.ndarray:
 def audio_chunks(wave: np.ndarray, rate: int, starts: np.ndarray, span: float) -> np.ndarray:
     """(len(starts), rate) float32: the samples of [s, s+span) per start, zero-padded to 1 s.
 
-    The encoders take 1-s chunks; a 0.96-s UnAV window padded to 1 s gives VGGish
-    exactly one 0.96-s patch, i.e. exactly the window.
+    The encoders' default input: Cnn14 embeds each 1-s chunk; VGGish with ``framing:
+    second`` takes the first 15600 samples (a 0.96-s UnAV window then ends in 240 zeros).
     """
     if span > 1.0 + 1e-9:
         raise ValueError(f"audio window {span} s is longer than the encoders' 1-s input")
@@ -70,20 +78,42 @@ def audio_chunks(wave: np.ndarray, rate: int, starts: np.ndarray, span: float) -
     return out
 
 
+def visual_frames(options: Any, path: str, starts: np.ndarray, span: float, per_step: int,
+                  duration: float) -> np.ndarray:
+    """uint8 (len(starts) * per_step, H, W, 3) frames of one video, step-major: the
+    encoder's ``select_frames`` hook, else by presentation time (:func:`frame_times`).
+    ``duration`` = the video's length in whole seconds as decoded (``n_segments``)."""
+    hook = getattr(options, "select_frames", None)
+    frames = hook(path, starts, span, per_step, duration) if hook is not None else None
+    if frames is None:
+        frames = media.read_frames(path, frame_times(starts, span, per_step))
+    return frames
+
+
+def audio_inputs(options: Any, wave: np.ndarray, rate: int, starts: np.ndarray, span: float,
+                 windowed: bool) -> np.ndarray:
+    """float32 rows, one per step, for the encoder's front end: its ``cut_audio`` hook, else
+    :func:`audio_chunks`. ``windowed``: UnAV-style windows rather than 1-s segments."""
+    hook = getattr(options, "cut_audio", None)
+    rows = hook(wave, rate, starts, span, windowed) if hook is not None else None
+    return audio_chunks(wave, rate, starts, span) if rows is None else rows
+
+
 # --------------------------------------------------------------------------- datasets
 @dataclass
 class _Item:
     row: int               # row in the decoded / feature shard
     starts: np.ndarray     # step start times
+    duration: float = 0.0  # whole seconds the decode stage kept (n_segments)
 
 
 class _VisualDataset(Dataset):
     """Per video: decode the frames at the plan's times and preprocess them (in a worker)."""
 
     def __init__(self, items: list[_Item], paths: dict[int, str], span: float, per_step: int,
-                 preprocess: Callable):
+                 preprocess: Callable, options: Any = None):
         self.items, self.paths, self.span, self.per_step = items, paths, span, per_step
-        self.preprocess = preprocess
+        self.preprocess, self.options = preprocess, options
 
     def __len__(self) -> int:
         return len(self.items)
@@ -91,8 +121,8 @@ class _VisualDataset(Dataset):
     def __getitem__(self, k: int):
         it = self.items[k]
         try:
-            times = frame_times(it.starts, self.span, self.per_step)
-            frames = media.read_frames(self.paths[it.row], times)
+            frames = visual_frames(self.options, self.paths[it.row], it.starts, self.span, self.per_step,
+                                   it.duration)
             with torch.inference_mode():
                 x = self.preprocess(torch.from_numpy(frames))
             return it.row, x, ""
@@ -103,9 +133,10 @@ class _VisualDataset(Dataset):
 class _AudioDataset(Dataset):
     """Per video: cut the decoded waveform into 1-s chunks (or windows) and preprocess."""
 
-    def __init__(self, items: list[_Item], shard: str, rate: int, span: float, preprocess: Callable):
+    def __init__(self, items: list[_Item], shard: str, rate: int, span: float, preprocess: Callable,
+                 options: Any = None, windowed: bool = False):
         self.items, self.shard, self.rate, self.span = items, shard, rate, span
-        self.preprocess = preprocess
+        self.preprocess, self.options, self.windowed = preprocess, options, windowed
         self._arr = None  # opened lazily: one handle per worker process
 
     def __len__(self) -> int:
@@ -117,7 +148,7 @@ class _AudioDataset(Dataset):
             if self._arr is None:
                 self._arr = zarr.open_group(self.shard, mode="r")[f"audio_{self.rate}"]
             wave = np.asarray(self._arr[it.row])
-            chunks = audio_chunks(wave, self.rate, it.starts, self.span)
+            chunks = audio_inputs(self.options, wave, self.rate, it.starts, self.span, self.windowed)
             with torch.inference_mode():
                 x = self.preprocess(torch.from_numpy(chunks))
             return it.row, x, ""
@@ -196,6 +227,7 @@ def extract_shard(
     if (window is None) != (hop is None):
         raise ValueError("window and hop go together (UnAV mode) or are both None (AVE mode)")
     spec = get_encoder(encoder)
+    options = spec.check_options(encoder_opts)  # its hooks pick frames / cut the waveform
     dev = resolve_device(device)
     visual = spec.modality == "visual"
     load_opts = {"channels_last": channels_last, **encoder_opts} if visual else dict(encoder_opts)
@@ -228,7 +260,9 @@ def extract_shard(
         modality=spec.modality, frames_per_segment=frames_per_segment if visual else None,
         sample_rate=rate, dtype=str(np.dtype(dtype)), window=window, hop=hop,
         grid="1-s segments" if window is None else "windows",
-        audio_fit="zero-pad to 1 s" if not visual and window is not None else None,
+        audio_fit=(None if visual or window is None else
+                   "zero-pad to 1 s" if getattr(options, "cut_audio", None) is None else
+                   "the encoder's framing (preprocessing.framing)"),
         channels_last=channels_last if visual else None, batch_size=batch_size,
         device=dev.type, autocast="bfloat16" if dev.type == "cuda" else None,
         decoded_shard=str(decoded_shard),
@@ -246,13 +280,14 @@ def extract_shard(
             elif len(plans[row]) == 0:
                 writer.write(row, None, status="failed", reason=f"shorter than one step ({dec['n_segments'][row]} s)")
             else:
-                items.append(_Item(row, plans[row]))
+                items.append(_Item(row, plans[row], float(dec["n_segments"][row])))
                 if visual:
                     paths[row] = paths_by_id[vid]
         if visual:
-            ds: Dataset = _VisualDataset(items, paths, span, frames_per_segment, loaded.preprocess)
+            ds: Dataset = _VisualDataset(items, paths, span, frames_per_segment, loaded.preprocess, options)
         else:
-            ds = _AudioDataset(items, str(decoded_shard), int(rate), span, loaded.preprocess)
+            ds = _AudioDataset(items, str(decoded_shard), int(rate), span, loaded.preprocess, options,
+                               windowed=window is not None)
         loader_kw: dict[str, Any] = {}
         if num_workers > 0:
             loader_kw = {"persistent_workers": True, "prefetch_factor": 2}

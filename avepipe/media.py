@@ -383,3 +383,69 @@ def read_frames(path: str | Path, times: np.ndarray, size: tuple[int, int] | Non
     One sequential decode pass that stops once every time is settled.
     """
     return decode(path, times=np.asarray(times, dtype=np.float64), size=size).frames
+
+
+# --------------------------------------------------------------------------- frames by index
+# Some released extraction scripts pick frames by their position in the decoded sequence
+# (Tian et al.'s AVE script: imageio decodes every frame, n = frames decoded). Index k here
+# is the k-th frame the decoder returns, in presentation order, counted over a full
+# sequential pass -- not PyAV's ``frame.index`` (see the module docstring).
+def _video_frames(path: str | Path, container):
+    """Decoded frames of the first video stream, in order; MediaError on decoder failure."""
+    if not container.streams.video:
+        raise MediaError(path, "no video stream")
+    vs = container.streams.video[0]
+    vs.thread_type = "AUTO"
+    try:
+        yield from container.decode(vs)
+    except av.FFmpegError as exc:
+        raise MediaError(path, f"decode failed, truncated or corrupt ({_why(exc)})") from exc
+
+
+def count_frames(path: str | Path) -> int:
+    """Number of video frames the decoder returns for the whole file (one decoding pass,
+    no colour conversion). A file cut short counts the frames it holds (the decode stage
+    reports such files). Raises MediaError (missing, unreadable, no video stream, decoder
+    failure)."""
+    with _open(path) as container:
+        return sum(1 for _ in _video_frames(path, container))
+
+
+def read_frames_by_index(path: str | Path, indices: np.ndarray,
+                         size: tuple[int, int] | None = None) -> np.ndarray:
+    """RGB frames at decode positions ``indices`` (0 = first frame returned): uint8
+    (len(indices), H, W, 3), in the order of ``indices`` (repeats allowed). ``size`` =
+    (height, width) resizes with swscale as :func:`read_frames`; None keeps the stream size.
+    One pass that stops after the largest index; each chosen frame is converted once.
+    An index past the last frame raises MediaError naming the count."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if len(idx) and idx.min() < 0:
+        raise ValueError(f"{path}: frame indices must be >= 0, got {int(idx.min())}")
+    wanted = {int(k): [] for k in np.unique(idx)}
+    for pos, k in enumerate(idx):
+        wanted[int(k)].append(pos)
+    last = max(wanted, default=-1)
+    out: np.ndarray | None = None
+    reformatter = VideoReformatter()  # one swscale context for the pass
+    n = 0
+    with _open(path) as container:
+        for frame in _video_frames(path, container):
+            if n in wanted:
+                h, w = size if size is not None else (
+                    out.shape[1:3] if out is not None else (frame.height, frame.width))
+                rgb = reformatter.reformat(frame, width=w, height=h, format="rgb24",
+                                           interpolation=FRAME_INTERPOLATION).to_ndarray()
+                if out is None:
+                    out = np.empty((len(idx),) + rgb.shape, dtype=np.uint8)
+                out[wanted[n]] = rgb
+            n += 1
+            if n > last:
+                break
+    if n <= last:
+        if n == 0:
+            raise MediaError(path, "no decodable video frames")
+        raise MediaError(path, f"frame index {last} requested but the video decodes to {n} frames")
+    if out is None:  # no index asked for
+        h, w = size if size is not None else (0, 0)
+        out = np.empty((0, h, w, 3), dtype=np.uint8)
+    return out

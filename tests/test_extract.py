@@ -13,7 +13,8 @@ from avepipe import media
 from avepipe import provenance as prov
 from avepipe.datasets.writer import write_mp4
 from avepipe.encoders import EncoderSpec, LoadedEncoder
-from avepipe.extract import audio_chunks, extract_shard, frame_times, step_starts
+from avepipe.extract import (audio_chunks, audio_inputs, extract_shard, frame_times, step_starts,
+                             visual_frames)
 from avepipe.store import open_features
 
 RATE = 16000
@@ -89,7 +90,8 @@ def _fake_spec(name, modality, fail_on_weights=False):
         return LoadedEncoder(_FakeAudio(), _aud_pre, {"id": weights, "sha256": None}, {"name": "fake"})
 
     shape = (7, 7, 4) if modality == "visual" else (8,)
-    return EncoderSpec(name, modality, shape, RATE if modality == "audio" else None, "random", loader=loader)
+    return EncoderSpec(name, modality, shape, RATE if modality == "audio" else None, "random", loader=loader,
+                       default_dtype="float16" if modality == "visual" else "float32")
 
 
 @pytest.fixture
@@ -99,7 +101,7 @@ def fake_encoders(monkeypatch):
     reg["fakea"] = _fake_spec("fakea", "audio")
     monkeypatch.setattr(encoders, "ENCODERS", reg)
     for name in ("fakev", "fakea", "fakea32"):
-        monkeypatch.setitem(prov.STAGE_MODULES, f"extract:{name}", ["extract.py", "store.py"])
+        monkeypatch.setitem(prov.STAGE_ENTRIES, f"extract:{name}", ["extract.py", "store.py"])
     return reg
 
 
@@ -135,6 +137,35 @@ def test_step_grid_helpers():
     assert c.shape == (1, RATE)
     np.testing.assert_array_equal(c[0, :15360], w[5120:5120 + 15360])
     assert (c[0, 15360:] == 0).all()
+
+
+def test_recipe_hooks_and_their_defaults(tmp_path):
+    """No hook (or a hook that returns None): frames by presentation time, 1-s chunks; a hook's
+    frames / rows are used as they are."""
+    path = _video(tmp_path / "v.mp4", seconds=2, seed=4)
+    starts = np.arange(2.0)
+    default = visual_frames(None, str(path), starts, 1.0, 2, 2.0)
+    np.testing.assert_array_equal(default, media.read_frames(path, frame_times(starts, 1.0, 2)))
+
+    class Hooks:
+        def __init__(self, give):
+            self.give = give
+
+        def select_frames(self, p, s, span, per_step, duration):
+            assert (p, span, per_step, duration) == (str(path), 1.0, 2, 2.0)
+            return self.give
+
+        def cut_audio(self, wave, rate, s, span, windowed):
+            return None if self.give is None else np.full((len(s), 7), float(windowed), np.float32)
+
+    np.testing.assert_array_equal(visual_frames(Hooks(None), str(path), starts, 1.0, 2, 2.0), default)
+    mine = np.zeros((4, 3, 5, 3), np.uint8)
+    assert visual_frames(Hooks(mine), str(path), starts, 1.0, 2, 2.0) is mine
+    wave = np.arange(3 * RATE, dtype=np.float32)
+    np.testing.assert_array_equal(audio_inputs(Hooks(None), wave, RATE, starts, 1.0, False),
+                                  audio_chunks(wave, RATE, starts, 1.0))
+    np.testing.assert_array_equal(audio_inputs(Hooks(mine), wave, RATE, starts, 0.96, True),
+                                  np.ones((2, 7), np.float32))
 
 
 # ----------------------------------------------------------------- fake encoders
@@ -271,19 +302,36 @@ def _torchvision_reference(name, state):
     return lambda x: trunk.eval()(x).permute(0, 2, 3, 1)
 
 
-@pytest.mark.parametrize("name,fps", [("vgg19", 1), ("resnet50", 2)])
-def test_real_visual_encoder_matches_torchvision_forward(name, fps, one_video):
+def _decoded_by_index(path, indices):
+    """Frames at decode positions, straight from PyAV (independent of avepipe.media)."""
+    import av
+
+    with av.open(str(path)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    return len(frames), np.stack([frames[i] for i in indices])
+
+
+@pytest.mark.parametrize("name,fps,opts", [("vgg19", 1, {"preprocessing": "torchvision"}),
+                                           ("vgg19", 2, {"preprocessing": "ave"}),
+                                           ("resnet50", 2, {})])
+def test_real_visual_encoder_matches_torchvision_forward(name, fps, opts, one_video):
     spec = _real(name)
     root, index, _ = one_video
     out = extract_shard(root / "dec1.zarr", index, name, "random", root / f"{name}.zarr",
                         frames_per_segment=fps, batch_size=3, num_workers=1, dtype="float32",
-                        progress=False)
+                        progress=False, **opts)
     fs = open_features(out)
     assert fs.features.shape == (1, 2, *spec.feature_shape) and list(fs.status) == ["ok"]
-    loaded = spec.load("random", device="cpu")  # "random" = seed 0: the same weights again
+    loaded = spec.load("random", device="cpu", **opts)  # "random" = seed 0: the same weights again
     state = {k.removeprefix("features."): v for k, v in loaded.model.state_dict().items()}
     ref_model = _torchvision_reference(name, state)
-    frames = media.read_frames(root / "vid.mp4", media.segment_times(2, fps))
+    if opts.get("preprocessing") == "ave":
+        # the AVE script's frames: 16 decoded frames over 2 s -> fi = 8; second l frame i of 2:
+        # int(l*8 + i/2*8) = 0, 4, 8, 12
+        n, frames = _decoded_by_index(root / "vid.mp4", [0, 4, 8, 12])
+        assert n == 16
+    else:
+        frames = media.read_frames(root / "vid.mp4", media.segment_times(2, fps))
     with torch.no_grad():
         ref = ref_model(loaded.preprocess(torch.from_numpy(frames))).reshape(2, fps, *spec.feature_shape).mean(1)
     got = fs.features[0].compute()
@@ -293,17 +341,46 @@ def test_real_visual_encoder_matches_torchvision_forward(name, fps, one_video):
     assert fs.attrs["provenance"]["preprocessing"]["preprocessing"] == loaded.options["preprocessing"]
 
 
-def test_real_vggish_matches_direct_forward(one_video):
+@pytest.mark.parametrize("framing", ["clip", "second"])
+def test_real_vggish_matches_direct_forward(one_video, framing):
+    """clip: step k is the k-th 0.96-s patch of the continuous waveform (samples
+    [15360k, 15360k + 15600)); second: the first 15600 samples of second k."""
     spec = _real("vggish")
     root, index, audio = one_video
     out = extract_shard(root / "dec1.zarr", index, "vggish", "random", root / "vggish.zarr",
-                        num_workers=0, dtype="float32", progress=False)
+                        num_workers=0, dtype="float32", progress=False, framing=framing)
     fs = open_features(out)
     assert fs.features.shape == (1, 2, 128)
+    hop = 15360 if framing == "clip" else RATE
+    rows = np.stack([audio[0, k * hop:k * hop + 15600] for k in range(2)])
     loaded = spec.load("random", device="cpu")
     with torch.no_grad():
-        ref = loaded.model.eval()(loaded.preprocess(torch.from_numpy(audio[0].reshape(2, RATE)))).numpy()
+        ref = loaded.model.eval()(loaded.preprocess(torch.from_numpy(rows))).numpy()
     np.testing.assert_allclose(fs.features[0].compute(), ref, rtol=1e-4, atol=1e-5)
+    assert fs.attrs["provenance"]["preprocessing"]["framing"] == framing
+    np.testing.assert_array_equal(fs.timestamps[0], [0.0, 1.0])  # steps stay the segments
+
+
+@pytest.mark.parametrize("framing", ["clip", "second"])
+def test_real_vggish_unav_windows(one_video, framing):
+    """A 0.96-s window is one patch: clip takes 15600 samples of the continuous waveform from
+    the window start; second zero-pads the 15360-sample window to 1 s."""
+    root, index, audio = one_video
+    out = extract_shard(root / "dec1.zarr", index, "vggish", "random", root / "vw.zarr", window=0.96, hop=0.32,
+                        num_workers=0, dtype="float32", progress=False, framing=framing)
+    fs = open_features(out)
+    assert list(fs.lengths) == [4]
+    rows = np.zeros((4, 15600), np.float32)
+    for k in range(4):
+        a = k * 5120
+        n = 15600 if framing == "clip" else 15360
+        rows[k, :n] = audio[0, a:a + n]
+    loaded = _real("vggish").load("random", device="cpu")
+    with torch.no_grad():
+        ref = loaded.model.eval()(loaded.preprocess(torch.from_numpy(rows))).numpy()
+    np.testing.assert_allclose(fs.features[0, :4].compute(), ref, rtol=1e-4, atol=1e-5)
+    fit = fs.attrs["provenance"]["audio_fit"]
+    assert fit.startswith("the encoder's framing")
 
 
 def test_real_bad_weights_file_fails_before_work(one_video):

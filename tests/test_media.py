@@ -9,6 +9,7 @@ from scipy.signal import resample_poly
 
 import media_cases as mc
 from avepipe import media
+from avepipe.datasets.writer import write_mp4
 
 
 def _peak_freq(x: np.ndarray, rate: int) -> float:
@@ -141,3 +142,43 @@ def test_truncated_index_first_file_opens_but_fails_to_decode(tmp_path):
     assert media.probe(p)["duration"] == pytest.approx(4.0, abs=0.05)  # header promises 4 s
     with pytest.raises(media.MediaError, match="truncated"):
         media.read_audio(p, [16000])
+
+
+# ----------------------------------------------------------------- frames by decode index
+def test_frames_by_decode_index(tmp_path):
+    """Index k = the k-th frame the decoder returns; any order, repeats, resize; the count
+    is of frames decoded."""
+    p = write_mp4(tmp_path / "v.mp4", mc.index_frames(30, 48, 64), 12, crf=10)
+    assert media.count_frames(p) == 30
+    frames = media.read_frames_by_index(p, np.array([29, 0, 7, 7, 13]))
+    assert frames.shape == (5, 48, 64, 3)
+    assert [mc.frame_index(f) for f in frames] == [29, 0, 7, 7, 13]
+    # the same pixels as a plain PyAV decode of those frames
+    with av.open(str(p)) as c:
+        direct = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert np.array_equal(frames[0], direct[29]) and np.array_equal(frames[2], direct[7])
+    assert media.read_frames_by_index(p, [3], size=(224, 224)).shape == (1, 224, 224, 3)
+    assert media.read_frames_by_index(p, []).shape[0] == 0
+    with pytest.raises(media.MediaError, match="frame index 30 requested but the video decodes to 30 frames"):
+        media.read_frames_by_index(p, [2, 30])
+    with pytest.raises(ValueError, match=">= 0"):
+        media.read_frames_by_index(p, [-1])
+
+
+def test_frames_by_index_on_vfr_counts_frames_not_time(tmp_path):
+    times = np.array([0.0, 0.1, 0.15, 0.9, 1.0, 1.7])
+    p = write_mp4(tmp_path / "vfr.mp4", mc.index_frames(6), 10, crf=10, frame_times=times)
+    assert media.count_frames(p) == 6
+    assert [mc.frame_index(f) for f in media.read_frames_by_index(p, [5, 3, 2])] == [5, 3, 2]
+
+
+@pytest.mark.parametrize("build,reason", [(mc.no_video, "no video stream"), (mc.random_bytes, "unreadable"),
+                                          (None, "file missing")])
+def test_frames_by_index_bad_input(tmp_path, build, reason):
+    path = tmp_path / "bad.mp4"
+    if build is not None:
+        build(path)
+    for fn in (lambda: media.count_frames(path), lambda: media.read_frames_by_index(path, [0])):
+        with pytest.raises(media.MediaError) as err:
+            fn()
+        assert err.value.path == str(path) and reason in err.value.reason

@@ -73,7 +73,7 @@ def test_missing_weights_listed_in_one_message(tmp_path, monkeypatch, ave_root):
         enc["weights"] = None  # the official default
     found = preflight.weights_findings(cfg)
     (err,) = [f for f in found if f.level == "error"]
-    for name in ("vgg19-dcbb9e9d.pth", "resnet50-11ad3fa6.pth", "vggish-10086976.pth", "Cnn14_mAP=0.431.pth"):
+    for name in ("vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5", "resnet50-11ad3fa6.pth", "vggish-10086976.pth", "Cnn14_mAP=0.431.pth"):
         assert name in err.message
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in err.message and "https://" in err.message
     # a file under an official name that is not the official file: refused, naming expected and found

@@ -3,9 +3,27 @@
 Recipe of docs/reference.md §2.3 (= the TF ``vggish_input`` / ``mel_features`` code):
 16 kHz mono, 400-sample periodic-Hann frames every 160 samples, no centre padding, |rfft|
 with 512 points, 64 HTK-mel bands 125-7500 Hz with triangles linear *in mel* (not in Hz as librosa /
-torchaudio build them), log(mel + 0.01), 96x64 patches. One 1-s chunk (16000 samples)
-gives 98 frames, of which the first 96 (samples 0..15599) form its one patch, as AVE did.
-The network and state-dict keys follow torchvggish (final ReLU included).
+torchaudio build them), log(mel + 0.01), 96x64 patches; a patch is 96 frames = 15600
+samples, and consecutive patches of a continuous waveform start 96 * 160 = 15360 samples
+(0.96 s) apart. The network and state-dict keys follow torchvggish (final ReLU included).
+
+Which samples make a step's patch (``encoders.vggish.framing``):
+
+- ``clip`` (default): as the AVE script (Tian et al., copied in CACE-Net
+  ``Encoders/audio_feature_extractor.py``), which runs ``vggish_input.wavfile_to_examples``
+  on the whole 10-s clip: step k gets patch k of the continuous framing, samples
+  [15360k, 15360k + 15600), i.e. it starts 0.04k s before second k. Frames do not depend
+  on their neighbours, so cutting the patch out first gives the whole-clip log-mel's
+  patch. UnAV-style windows (0.96 s every ``hop`` s): the window is one patch, cut from
+  the continuous waveform at the window's start (as ``vggish_input`` frames a whole
+  waveform with an example hop of ``hop``), so its last 240 samples are the audio that
+  follows the window.
+- ``second``: the first 15600 samples of each 1-s chunk (segment k starts at second k);
+  a window is zero-padded to 1 s, so its patch ends in 240 zero samples.
+
+The released script read a 44.1-kHz wav and resampled it to 16 kHz with resampy inside
+``vggish_input``; avepipe's decode stage resamples the file's own audio with soxr (HQ).
+Equality with torchvggish is tested on the same 16-kHz waveform.
 """
 
 from __future__ import annotations
@@ -14,6 +32,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,6 +52,8 @@ FMIN, FMAX = 125.0, 7500.0
 LOG_OFFSET = 0.01
 PATCH_FRAMES = 96  # 0.96 s
 PATCH_SAMPLES = (PATCH_FRAMES - 1) * HOP + WINDOW  # 15600
+PATCH_HOP = PATCH_FRAMES * HOP  # 15360: start of patch k+1 of a continuous waveform, 0.96 s
+FRAMING = ("clip", "second")
 PCA_CLIP = (-2.0, 2.0)  # quantisation range of the released embeddings
 
 
@@ -129,10 +150,34 @@ class PCAQuantize(nn.Module):
 class VGGishOptions:
     """`encoders.vggish`: VGGish options."""
 
+    framing: str = option("clip", choices=FRAMING,
+                          help="clip: step k gets patch k of the continuous 0.96-s framing of the clip (the AVE "
+                               "script: starts 0.04k s before second k; a UnAV window is one patch of the "
+                               "continuous audio); second: the first 0.96 s of each 1-s chunk (a window "
+                               "zero-padded to 1 s)")
     pca: bool = option(False, help="apply the released PCA + 8-bit quantisation (AVE / CACE-Net use the raw "
                        "embeddings: false)")
     pca_params: str | None = option(None, help="with pca: a PCA params file (pca_eigen_vectors, pca_means); "
                                     "default: the official torchvggish file")
+
+
+    def cut_audio(self, wave: np.ndarray, rate: int, starts: np.ndarray, span: float,
+                  windowed: bool) -> np.ndarray | None:
+        """The extraction stage's audio hook: (len(starts), 15600) float32 patches for
+        ``clip`` (zero-padded past the end of ``wave``); None for ``second`` (the stage's
+        default 1-s chunks, of which the front end keeps the first 15600 samples)."""
+        if self.framing == "second":
+            return None
+        if rate != SAMPLE_RATE:
+            raise ValueError(f"vggish: waveform at {rate} Hz, expected {SAMPLE_RATE}")
+        starts = np.asarray(starts, np.float64)
+        # segments: patch k of the clip's framing; windows: the patch at the window's start
+        offsets = np.round(starts * rate).astype(np.int64) if windowed else np.arange(len(starts)) * PATCH_HOP
+        out = np.zeros((len(starts), PATCH_SAMPLES), np.float32)
+        for k, a in enumerate(offsets):
+            seg = wave[a:a + PATCH_SAMPLES]
+            out[k, :len(seg)] = seg
+        return out
 
 
 def load_pca(source: str = "audioset") -> tuple[PCAQuantize, dict]:
@@ -152,9 +197,11 @@ def load_pca(source: str = "audioset") -> tuple[PCAQuantize, dict]:
 
 
 def load(spec: EncoderSpec, weights: str, device: Any, *, seed: int | None, channels_last: bool,
-         pca: bool, pca_params: str | None) -> LoadedEncoder:
+         framing: str, pca: bool, pca_params: str | None) -> LoadedEncoder:
     """Build VGGish (options: :class:`VGGishOptions`): raw embeddings, or with ``pca`` the
-    released PCA params (``pca_params``: another file)."""
+    released PCA params (``pca_params``: another file). ``framing`` is applied where the
+    waveform is cut (:meth:`VGGishOptions.cut_audio`, called by the extraction stage); the
+    front end takes the first 15600 samples of each row it is given."""
     if pca_params is not None and not pca:
         raise EncoderOptionError("encoders.vggish.pca_params is set but encoders.vggish.pca is false")
     pca_module = pca_info = None
@@ -170,8 +217,8 @@ def load(spec: EncoderSpec, weights: str, device: Any, *, seed: int | None, chan
         model.pca, info["pca"] = pca_module, pca_info
     model = inference_ready(model, device, channels_last)
     front = LogMelPatch()  # stays on CPU: extraction runs preprocessing in DataLoader workers
-    options = {"preprocessing": "vggish_logmel_patch", "pca": bool(pca), "window": WINDOW, "hop": HOP,
-               "n_fft": N_FFT, "n_mels": N_MELS, "fmin": FMIN, "fmax": FMAX, "patch_frames": PATCH_FRAMES,
+    options = {"preprocessing": "vggish_logmel_patch", "framing": framing, "pca": bool(pca), "window": WINDOW,
+               "hop": HOP, "n_fft": N_FFT, "n_mels": N_MELS, "fmin": FMIN, "fmax": FMAX, "patch_frames": PATCH_FRAMES,
                "channels_last": channels_last}
     return LoadedEncoder(model=model, preprocess=front, weights_info=info, options=options)
 

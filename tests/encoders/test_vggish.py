@@ -181,3 +181,39 @@ def test_preprocess_is_picklable_for_dataloader_workers():
     front = pickle.loads(pickle.dumps(enc.preprocess))
     w = _waves(1)
     assert torch.equal(front(w), enc.preprocess(torch.from_numpy(w)))  # numpy input accepted
+
+
+# --------------------------------------------------------------------------- framing
+def test_framing_clip_cuts_the_continuous_patches():
+    """clip (default): step k = samples [15360k, 15360k + 15600) of the clip (patch k of
+    wavfile_to_examples on the whole clip); windows: 15600 samples from the window start;
+    past the waveform: zeros. second: no hook (the stage's 1-s chunks)."""
+    spec = get_encoder("vggish")
+    clip = spec.check_options({})
+    assert clip.framing == "clip" and spec.load("random").options["framing"] == "clip"
+    wave = np.arange(10 * 16000, dtype=np.float32)
+    rows = clip.cut_audio(wave, 16000, np.arange(10.0), 1.0, windowed=False)
+    assert rows.shape == (10, 15600) and rows.dtype == np.float32
+    for k in range(10):
+        np.testing.assert_array_equal(rows[k], wave[15360 * k:15360 * k + 15600])
+    win = clip.cut_audio(wave[:32000], 16000, np.array([0.32, 1.6]), 0.96, windowed=True)
+    np.testing.assert_array_equal(win[0], wave[5120:5120 + 15600])
+    np.testing.assert_array_equal(win[1, :6400], wave[25600:32000])  # runs past the 2-s waveform
+    assert (win[1, 6400:] == 0).all()
+    assert spec.check_options({"framing": "second"}).cut_audio(wave, 16000, np.arange(10.0), 1.0, False) is None
+    with pytest.raises(ValueError, match="32000 Hz"):
+        clip.cut_audio(wave, 32000, np.arange(2.0), 1.0, False)
+    with pytest.raises(Exception, match=r"encoders\.vggish\.framing: 'whole' is not one of 'clip', 'second'"):
+        spec.check_options({"framing": "whole"})
+
+
+def test_clip_patches_are_the_whole_clip_log_mel_patches():
+    """Cutting the patch first equals framing the whole clip's log-mel (frames do not
+    depend on their neighbours): patch k = log-mel frames [96k, 96k + 96) of the clip."""
+    rng = np.random.default_rng(4)
+    wave = (0.3 * rng.standard_normal(3 * 16000)).astype(np.float32)
+    whole = np_logmel(wave.astype(np.float64))  # 298 frames
+    rows = get_encoder("vggish").check_options({}).cut_audio(wave, 16000, np.arange(3.0), 1.0, False)
+    ours = LogMelPatch()(torch.from_numpy(rows))
+    for k in range(3):
+        assert np.abs(ours[k, 0].numpy() - whole[96 * k:96 * k + 96]).max() < 1e-3

@@ -44,11 +44,14 @@ def test_checkpoint_dir_follows_torch_home(torch_home):
     ("resnet50", "IMAGENET1K_V1", "resnet50-0676ba61.pth", "download.pytorch.org/models/resnet50-0676ba61.pth"),
     ("vggish", "audioset", "vggish-10086976.pth", "torchvggish/releases/download/v0.1/vggish-10086976.pth"),
     ("cnn14", "audioset", "Cnn14_mAP=0.431.pth", "zenodo.org/record/3987831/files/Cnn14_mAP%3D0.431.pth"),
+    ("vgg19", "keras", "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+     "storage.googleapis.com/tensorflow/keras-applications/vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
 ])
 def test_offline_official_error_names_file_url_and_directory(torch_home, name, weights, filename, url_part):
     spec = get_encoder(name)
     with pytest.raises(WeightsError) as err:
-        spec.load(weights=weights)
+        spec.load(weights=weights, **({"preprocessing": "torchvision"} if weights == "imagenet" and name == "vgg19"
+                                      else {}))
     msg = str(err.value)
     assert filename in msg and url_part in msg
     assert str(torch_home / "hub" / "checkpoints") in msg
