@@ -41,7 +41,12 @@ def test_ci_runs_readme_test_command():
     readme = (REPO / "README.md").read_text()
     block = re.search(r"<!-- test-command -->\s*```bash\n(.+?)\n```", readme, re.S).group(1).strip()
     assert "pip install -e '.[test]'" in block and "pytest" in block
-    assert "test-command" in (REPO / ".ci" / "run").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "test-command" in ci and "demo-command" in ci
+    # the demo first, then the tests, in one clone
+    assert ci.index("readme_block demo-command") < ci.index("readme_block test-command")
+    demo = re.search(r"<!-- demo-command -->\s*```bash\n(.+?)\n```", readme, re.S).group(1).strip()
+    assert "snakemake --cores 2" in demo
 
 
 def _env(name: str) -> dict:
