@@ -335,6 +335,9 @@ def args_import_h5(s):
     s.add_argument("--h5-dir", required=True, help="folder of the released AVE h5 files")
     s.add_argument("--index", required=True, help="index.parquet of the AVE annotations")
     s.add_argument("--out-dir", required=True, help="folder for the stores")
+    s.add_argument("--noisy", choices=["auto", "yes", "no"], default="auto",
+                   help="the weak setting's background-only videos (*_noisy.h5): auto = import when all three files "
+                        "are there, yes = they must be, no = skip them")
 
 
 def cmd_import_h5(a) -> int:
@@ -342,7 +345,8 @@ def cmd_import_h5(a) -> int:
 
     from avepipe.interop import import_h5
 
-    import_h5(Path(a.h5_dir), pd.read_parquet(a.index), Path(a.out_dir))
+    import_h5(Path(a.h5_dir), pd.read_parquet(a.index), Path(a.out_dir),
+              noisy={"auto": None, "yes": True, "no": False}[a.noisy])
     return 0
 
 
@@ -354,6 +358,9 @@ def args_finetune(s):
                    help="the frozen partner's feature shards (side visual: the audio store; audio: the visual store)")
     s.add_argument("--base-weights", action="append", metavar="ENCODER=WEIGHTS",
                    help="starting weights of each trained encoder (default: its official weights); repeatable")
+    s.add_argument("--encoder-options", type=O._json_object, default={}, metavar="JSON",
+                   help='each trained encoder\'s own options, as its extraction uses them, e.g. '
+                        '\'{"vggish": {"framing": "clip"}}\'')
     O.add_arguments(s, O.FinetuneOptions)
     s.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffles and frame picks")
     s.add_argument("--threads", type=int, help="torch threads")
@@ -367,7 +374,7 @@ def cmd_finetune(a) -> int:
     opts = O.from_args(O.FinetuneOptions, a)
     finetune.run(a.manifest, a.decoded, a.partner_store, a.out_dir, opts,
                  base_weights={k: str(v) for k, v in _kv(a.base_weights, "--base-weights").items()},
-                 seed=a.seed, config=_config_of(a))
+                 seed=a.seed, encoder_options=a.encoder_options, config=_config_of(a))
     return 0
 
 

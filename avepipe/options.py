@@ -127,6 +127,8 @@ class TrainOptions:
                          pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
     precision: str = option("float32", help="bf16: autocast (float32 weights, optimizer and losses); AVE heads",
                             choices=("float32", "bf16"))
+    noisy: bool = option(True, help="weak setting: add the released background-only videos (imported by import-h5 "
+                         "beside the stores, noisy/) to training when present, as AVE-ECCV18, CACE-Net and Ge et al. do")
 
 
 @dataclass
@@ -152,6 +154,7 @@ class EvaluateOptions:
     soft_nms_sigma: float = option(0.4, help="Gaussian soft-NMS sigma", exclusive_minimum=0)
     max_segments: int = option(100, help="segments kept per video", minimum=1)
     min_score: float = option(0.001, help="drop segments scoring below this", minimum=0)
+    eval_every: int = option(5, help="dense head: evaluate (and select) every this many epochs", minimum=1)
 
 
 # --------------------------------------------------------------------------- machinery

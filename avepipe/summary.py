@@ -91,7 +91,7 @@ def _notes(recs: list[dict]) -> list[str]:
     n_test = sorted({r["metrics"].get("n_test") for r in recs if r["metrics"].get("n_test")})
     if n_test:
         notes.append(f"Test split: {', '.join(map(str, n_test))} videos.")
-    noisy = {r["metrics"].get("n_noisy_train") for r in recs if r["metrics"].get("n_noisy_train")}
+    noisy = {r["metrics"]["n_noisy_train"] for r in recs if r["metrics"].get("n_noisy_train")}
     if noisy:
         notes.append(f"Weak setting trained with {', '.join(map(str, sorted(noisy)))} extra background-only "
                      "videos (as the references do).")

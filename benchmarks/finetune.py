@@ -1,4 +1,4 @@
-"""Fine-tuning throughput: the InfoNCE loop (avepipe.finetune.finetune) against a bare
+"""Fine-tuning throughput: the InfoNCE loop (avepipe.training.finetune.finetune) against a bare
 forward + backward + SGD step of the same encoder on the same batch shape, in the same run.
 
 The loop's number is the ``seconds_per_s`` (video-seconds per second: frames/s on the visual
@@ -33,10 +33,11 @@ import zarr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from avepipe import finetune as ft  # noqa: E402
 from avepipe.devices import resolve_device  # noqa: E402
 from avepipe.encoders import get_encoder  # noqa: E402
+from avepipe.options import FinetuneOptions  # noqa: E402
 from avepipe.store import write_feature_shard  # noqa: E402
+from avepipe.training import finetune as ft  # noqa: E402
 
 
 def make_inputs(root: Path, videos: int, seconds: int, per_second: int, rate: int, seed: int = 0):
@@ -70,7 +71,7 @@ def bare_rate(encoder: str, trainable: str, n_items: int, device: torch.device, 
     spec = get_encoder(encoder)
     loaded = spec.load("random", device="cpu", **({"pooled": False} if spec.modality == "visual" else {}))
     trunk = loaded.model.float()
-    ft.set_trainable(trunk, encoder, trainable)
+    ft.set_trainable(trunk, spec, trainable)
     trunk = trunk.to(device)
     ft.train_mode(trunk)  # as the loop: frozen BatchNorms keep their statistics
     params = [p for p in trunk.parameters() if p.requires_grad]
@@ -131,9 +132,9 @@ def main(argv=None) -> int:
             partner = stores["audio" if side == "visual" else "visual"]
             for trainable in a.trainable:
                 out = tmp / f"run-{side}-{trainable.replace(':', '_')}"
-                res = ft.finetune(manifest, decoded, partner, encoder, out, side=side, epochs=a.epochs,
-                                  batch_size=a.batch, trainable=trainable, milestones=(), device=str(dev),
-                                  progress=False)
+                opts = FinetuneOptions(encoder=a.encoder, audio=a.audio_encoder, side=side, epochs=a.epochs,
+                                       batch_size=a.batch, trainable=trainable, milestones=[], device=str(dev))
+                res = ft.finetune(manifest, decoded, partner, out, opts, base_weights={encoder: "random"}, seed=0)
                 loop = res["history"][-1]["seconds_per_s"]
                 steps = a.bare_steps or res["history"][-1]["steps"]
                 bare = bare_rate(encoder, trainable, n_items, dev, steps)

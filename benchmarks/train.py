@@ -2,8 +2,8 @@
 
 Each head runs in its own subprocess (so peak RSS is that head's alone) on AVE-sized
 synthetic features: N training videos of 10 x 7 x 7 x 512 visual + 10 x 128 audio
-(float32 by default), trained by ``avepipe.train.train_head`` for ``--epochs`` epochs.
-Printed beside the reference anchors (REFERENCE §3, 2-core CPU, random features, batch
+(float32 by default), trained by ``avepipe.training.ave.train_ave`` for ``--epochs`` epochs.
+Printed beside the reference anchors (docs/reference.md §3, 2-core CPU, random features, batch
 64, data loading excluded): CACE-Net 168 s/epoch float32 (peak RSS 2.3 GB float32,
 3.7 GB float64); Ge et al. 205 s/epoch, 4.4 GB.
 
@@ -73,7 +73,7 @@ def _gemm_gflops() -> dict:
 def _synthetic(n_train: int, n_eval: int, dtype: str, seed: int = 0):
     import numpy as np
 
-    from avepipe.train import data_from_arrays
+    from avepipe.training.ave_data import data_from_arrays
 
     rng = np.random.default_rng(seed)
     n = n_train + 2 * n_eval
@@ -97,7 +97,8 @@ def child(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from avepipe.train import train_head
+    from avepipe.options import HeadOptions, TrainOptions
+    from avepipe.training.ave import train_ave
 
     load0 = os.getloadavg()[0]
     gemm0 = _gemm_gflops()
@@ -107,10 +108,10 @@ def child(args) -> dict:
     build_s = time.perf_counter() - t0
     rss_data = _rss_bytes()
     with tempfile.TemporaryDirectory() as tmp:
-        kw = {"batch_size": args.batch_size} if args.batch_size else {}
-        train_head(args.child, args.setting, data, tmp, seed=0, epochs=args.epochs, select_on="last",
-                   progress=False, device=args.device, reuse_freed_memory=args.reuse_memory,
-                   precision=args.precision[0], **kw)
+        train_ave(data, tmp, head=args.child, setting=args.setting, seed=0,
+                  train=TrainOptions(select_on="last", device=args.device, precision=args.precision[0]),
+                  head_opts=HeadOptions(epochs=args.epochs, batch_size=args.batch_size),
+                  reuse_freed_memory=args.reuse_memory)
         log = [json.loads(x) for x in Path(tmp, "log.jsonl").read_text().splitlines()]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     last = log[-1]
@@ -137,11 +138,11 @@ def main(argv=None) -> int:
                    help="in-memory feature dtype (the store default is float16)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the anchors used 2)")
     p.add_argument("--precision", nargs="+", default=["float32"], choices=["float32", "bf16"],
-                   help="train_head precision(s); several: run side by side")
+                   help="training precision(s); several: run side by side")
     p.add_argument("--repeat", type=int, default=1, help="rounds of every head x precision, interleaved")
     p.add_argument("--device", default="cpu")
     p.add_argument("--reuse-memory", action="store_true",
-                   help="train_head(reuse_freed_memory=True): fewer page faults, higher peak RSS")
+                   help="train_ave(reuse_freed_memory=True): fewer page faults, higher peak RSS")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -1,6 +1,6 @@
 """UnAV-100 dense-branch benchmark: training step time, evaluation time, feature-loading memory.
 
-Three measurements on UnAV-sized synthetic data (REFERENCE §7: test split 2,167 videos,
+Three measurements on UnAV-sized synthetic data (docs/reference.md §8: test split 2,167 videos,
 10-60 s, mean 42 s -> ~131 steps of 0.96-s windows at 0.32-s hop; visual 2048-d, audio
 VGGish 128-d; 100 classes; ~2.8 events per video):
 
@@ -8,7 +8,7 @@ VGGish 128-d; 100 classes; ~2.8 events per video):
          batch 16, and that time divided by the minutes of video features in the batch
   eval   ``metrics.detection_map`` over 2,167 videos x 100 predictions (goal: < 10 s on this
          CPU), plus soft-NMS per video on 5,000 candidates and writing predictions.json
-  load   peak RSS of ``dense_train.load_dense_data`` on float16 visual + float32 audio stores
+  load   peak RSS of ``training.dense_data.load_dense_data`` on float16 visual + float32 audio stores
          of the whole test split, in a fresh subprocess (so the peak is the loader's alone)
 
     python benchmarks/unav.py                       # all three, full sizes
@@ -98,7 +98,8 @@ def bench_eval(args) -> dict:
     import pandas as pd
     import torch
 
-    from avepipe.dense_train import DenseData, write_predictions
+    from avepipe.training.dense import write_predictions
+    from avepipe.training.dense_data import DenseData
     from avepipe.heads.dense import soft_nms
     from avepipe.metrics import detection_map
 
@@ -176,7 +177,7 @@ def _write_stores(root: Path, n: int, mean: float, shards: int) -> dict:
 def _load_child(root: str) -> None:
     import pandas as pd
 
-    from avepipe.dense_train import load_dense_data
+    from avepipe.training.dense_data import load_dense_data
 
     man = pd.read_parquet(Path(root) / "manifest.parquet")
     base = _rss()

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from avepipe import train as TR
 from avepipe.datasets.labels import BACKGROUND, NUM_CLASSES
+from avepipe.options import HeadOptions, TrainOptions
+from avepipe.training.ave import train_ave
+from avepipe.training.ave_data import SPLITS, data_from_arrays
 
 T = 10
 K = 4                      # classes in use (of the 28 AVE classes)
@@ -84,14 +86,14 @@ def synthetic_ave_features(n_per_split=(64, 16, 32), seed=0, noise=0.6, event_le
             if snd is not None:
                 audio[i, t] += pa[snd]
             labels[i, t, c if modes[i, t] == "ev" else BACKGROUND] = 1.0
-    split = np.repeat(np.array(TR.SPLITS), n_per_split)
+    split = np.repeat(np.array(SPLITS), n_per_split)
     return visual, audio, labels, split, modes
 
 
 @pytest.fixture(scope="module")
 def data():
     v, a, y, split, _ = synthetic_ave_features()
-    return TR.data_from_arrays(v, a, y, split)
+    return data_from_arrays(v, a, y, split)
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +105,10 @@ def accuracy(data, tmp_path_factory):
     def run(head: str, precision: str = "float32") -> float:
         if (head, precision) not in cache:
             kw = dict(RUNS[head])
-            res = TR.train_head(head, "full", data, tmp_path_factory.mktemp(head), seed=0,
-                                epochs=kw.pop("epochs"), batch_size=kw.pop("batch_size"),
-                                lr=kw.pop("lr", None), progress=False, precision=precision, **kw)
+            res = train_ave(data, tmp_path_factory.mktemp(head), head=head, setting="full", seed=0,
+                            train=TrainOptions(precision=precision),
+                            head_opts=HeadOptions(epochs=kw.pop("epochs"), batch_size=kw.pop("batch_size"),
+                                                  lr=kw.pop("lr", None), hparams=kw))
             cache[head, precision] = res["accuracy"]
         return cache[head, precision]
     return run

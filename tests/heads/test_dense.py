@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from avepipe.dense_train import DenseData, evaluate, ground_truth, train_dense
 from avepipe.heads.dense import DenseLocalizer, diou_loss, sigmoid_focal, soft_nms
 from avepipe.metrics import detection_map
+from avepipe.options import EvaluateOptions, HeadOptions, TrainOptions
+from avepipe.training.dense import ground_truth, train_dense
+from avepipe.training.dense_data import DenseData
 
 
 def test_diou_hand_values():
@@ -83,8 +85,10 @@ def _toy(n_videos=36, n_classes=3, seed=0):
 def test_learns_far_above_random_segments(tmp_path):
     torch.set_num_threads(1)
     data = _toy()
-    metrics = train_dense(data, tmp_path, seed=0, epochs=25, batch_size=8, lr=1e-3, eval_every=5,
-                          progress=False, dim=32, heads=2, levels=3)
+    metrics = train_dense(data, tmp_path, head="dense", setting="full", seed=0, train=TrainOptions(device="cpu"),
+                          head_opts=HeadOptions(epochs=25, batch_size=8, lr=1e-3, hparams=dict(dim=32, heads=2,
+                                                                                               levels=3)),
+                          evaluate=EvaluateOptions(), eval_every=5)
     # baseline: random segments with random labels and scores, as many as the model predicts per video
     rng = np.random.default_rng(0)
     test = data.subset("test")

@@ -231,9 +231,14 @@ def ft_partner(w):
 
 def finetune_flags(w):
     cfg = C(w)
-    weights = {e: apcfg.encoder_settings(cfg, e)["weights"] for e in apcfg.trained_encoders(cfg)}
-    base = " ".join("--base-weights=" + shlex.quote(f"{e}={O._text(v)}") for e, v in weights.items())
-    return f"{flags(O.FinetuneOptions, cfg['finetune'])} {base} --seed={cfg['seed']}"
+    trained = apcfg.trained_encoders(cfg)
+    weights = {e: apcfg.encoder_settings(cfg, e)["weights"] for e in trained}
+    base = " ".join("--base-weights=" + shlex.quote(f"{e}={O._text(v)}") for e, v in weights.items()
+                    if v is not None)  # none: the encoder's official weights
+    # the trained encoders' own options, so fine-tuning sees inputs as their extraction does
+    own = O._text({e: apcfg.encoder_options(cfg, e) for e in trained})
+    return (f"{flags(O.FinetuneOptions, cfg['finetune'])} {base} --encoder-options={shlex.quote(own)}"
+            f" --seed={cfg['seed']}")
 
 
 # --- heads.smk ------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""InfoNCE fine-tuning (avepipe.finetune): learning, frozen blocks, split hygiene, determinism,
-weights layout, resume, provenance.
+"""InfoNCE fine-tuning (avepipe.training.finetune): learning, frozen blocks, split hygiene,
+determinism, weights layout, resume, restart on a changed config, provenance.
 
 Inputs are built with the real code: tiny synthetic mp4s (avepipe.datasets.synthetic, 2 s,
 two classes), decoded by avepipe.decode.decode_shard (n_segments=1, K=2 frame samples per second),
@@ -17,17 +17,20 @@ import numpy as np
 import pytest
 import torch
 
-from avepipe import finetune as ft
 from avepipe.encoders import get_encoder
-from finetune_cases import decoded_set
+from avepipe.options import FinetuneOptions
 from avepipe.store import write_feature_shard
+from avepipe.training import finetune as ft
+from avepipe.training.contrastive import ContrastiveModel, info_nce
+from avepipe.training.finetune_data import batch_frames, load_finetune_data, select_videos
+from training.finetune_cases import decoded_set
 
 torch.set_num_threads(1)
 
 N_SEG = 1  # one second per video keeps a ResNet-50 step cheap on CPU
 RATE = 16000
-KW = dict(encoder="resnet50", base_weights="random", epochs=2, lr=1e-2, batch_size=4,
-          trainable="last:1", milestones=(), progress=False, device="cpu", proj_dim=32)
+KW = dict(encoder="resnet50", audio="vggish", side="visual", epochs=2, lr=1e-2, batch_size=4,
+          trainable="last:1", milestones=[], device="cpu", proj_dim=32)
 
 
 def _audio_features(wave: np.ndarray, n_seg: int, rate: int, dim: int = 64) -> np.ndarray:
@@ -52,9 +55,10 @@ def data(tmp_path_factory):
     return dict(root=root, manifest=manifest, decoded=[shard], audio=[store], trainval=trainval)
 
 
-def _run(data, out: Path, **kw):
-    args = {**KW, **kw}
-    return ft.finetune(data["manifest"], data["decoded"], data["audio"], out_dir=out, **args)
+def _run(data, out: Path, seed=0, manifest=None, on_epoch_end=None, **kw):
+    return ft.finetune(data["manifest"] if manifest is None else manifest, data["decoded"], data["audio"], out,
+                       FinetuneOptions(**{**KW, **kw}), base_weights={"resnet50": "random"}, seed=seed,
+                       on_epoch_end=on_epoch_end)
 
 
 def _weights(path) -> dict[str, torch.Tensor]:
@@ -72,21 +76,21 @@ def run2(data, tmp_path_factory):
 # --------------------------------------------------------------------------- split hygiene
 def test_select_videos_never_passes_test_ids(data):
     m = data["manifest"]
-    assert ft.select_videos(m, include_val=True) == data["trainval"]
-    assert ft.select_videos(m, include_val=False) == [v for v in data["trainval"] if v != "vid05xxxxx"]
+    assert select_videos(m, include_val=True) == data["trainval"]
+    assert select_videos(m, include_val=False) == [v for v in data["trainval"] if v != "vid05xxxxx"]
     # the id with a train row and a test row is excluded
     both = set(m.loc[m.split == "train", "video_id"]) & set(m.loc[m.split == "test", "video_id"])
     assert both == {"vid07xxxxx"}
-    assert "vid07xxxxx" not in ft.select_videos(m, include_val=True)
+    assert "vid07xxxxx" not in select_videos(m, include_val=True)
 
 
 def test_loaded_data_holds_exactly_train_val_ids(data):
-    d = ft.load_finetune_data(data["manifest"], data["decoded"], data["audio"], include_val=True)
+    d = load_finetune_data(data["manifest"], data["decoded"], data["audio"], include_val=True)
     assert sorted(d.video_ids) == data["trainval"]
     assert len(d) == 6
     test_ids = set(data["manifest"].loc[data["manifest"].split == "test", "video_id"])
     assert not test_ids & set(d.video_ids)
-    d2 = ft.load_finetune_data(data["manifest"], data["decoded"], data["audio"], include_val=False)
+    d2 = load_finetune_data(data["manifest"], data["decoded"], data["audio"], include_val=False)
     assert sorted(d2.video_ids) == data["trainval"][:5]
     # the audio vector is the mean over the video's seconds of the stored features
     import zarr
@@ -107,10 +111,10 @@ def test_info_nce_matches_hand_computation():
     s = (v @ a.T).numpy() / 0.2
     lv = -np.mean([s[i, i] - np.log(np.exp(s[i]).sum()) for i in range(5)])
     la = -np.mean([s[i, i] - np.log(np.exp(s[:, i]).sum()) for i in range(5)])
-    assert ft.info_nce(v, a, 0.2).item() == pytest.approx(0.5 * (lv + la), rel=1e-5)
+    assert info_nce(v, a, 0.2).item() == pytest.approx(0.5 * (lv + la), rel=1e-5)
     # perfectly aligned, well separated pairs: loss near 0
     eye = torch.eye(5, 8)
-    assert ft.info_nce(eye, eye, 0.05).item() < 1e-6
+    assert info_nce(eye, eye, 0.05).item() < 1e-6
 
 
 @pytest.mark.slow
@@ -118,7 +122,7 @@ def test_loss_goes_down(data, tmp_path):
     # four train videos = one fixed batch per epoch: the pairs can be learnt in a few steps
     m = data["manifest"]
     m = m[m.video_id.isin(data["trainval"][:4])]
-    res = ft.finetune(m, data["decoded"], data["audio"], out_dir=tmp_path, **{**KW, "epochs": 4, "lr": 0.01})
+    res = _run(data, tmp_path, manifest=m, epochs=4, lr=0.01)
     losses = [h["loss"] for h in res["history"]]
     assert len(losses) == 4 and all(np.isfinite(losses))
     assert losses[0] == pytest.approx(np.log(4), abs=0.3)  # chance level at the start
@@ -171,7 +175,7 @@ def test_visual_vector_is_mean_over_each_videos_frames():
         def forward(self, x):
             return x.permute(0, 2, 3, 1)
 
-    model = ft.ContrastiveModel(Flat(), 3, 4, 8)
+    model = ContrastiveModel(Flat(), 3, 4, 8)
     x = torch.randn(6, 3, 2, 2)
     got = model.visual(x, [1, 3, 2])
     want = torch.stack([x[:1].mean((0, 2, 3)), x[1:4].mean((0, 2, 3)), x[4:].mean((0, 2, 3))])
@@ -180,11 +184,11 @@ def test_visual_vector_is_mean_over_each_videos_frames():
 
 
 def test_batch_frames_picks_one_frame_per_second(data):
-    d = ft.load_finetune_data(data["manifest"], data["decoded"], data["audio"])
+    d = load_finetune_data(data["manifest"], data["decoded"], data["audio"])
     assert d.frames.per_second == 2
     idx = np.array([2, 0])
     pick = np.array([1, 0])  # N_SEG = 1 second per video
-    x = ft.batch_frames(d, idx, pick)
+    x = batch_frames(d, idx, pick)
     assert x.shape == (2, 224, 224, 3) and x.dtype == np.uint8
     np.testing.assert_array_equal(x[0], d.frames[2][0, 1])
     np.testing.assert_array_equal(x[1], d.frames[0][0, 0])
@@ -218,6 +222,17 @@ def test_weights_load_through_extraction_path(run2, data):
 
 
 # --------------------------------------------------------------------------- reproducibility
+class Killed(Exception):
+    pass
+
+
+def _kill_after(n):
+    def kill(epoch, rec):
+        if epoch == n:
+            raise Killed
+    return kill
+
+
 @pytest.mark.slow
 def test_same_seed_same_weights_and_resume(run2, data, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
@@ -225,11 +240,15 @@ def test_same_seed_same_weights_and_resume(run2, data, tmp_path):
     _run(data, b, epochs=1)
     wa, wb = _weights(a / "weights.pth"), _weights(b / "weights.pth")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    # resume b to 2 epochs: equals the uninterrupted 2-epoch run
-    res = _run(data, b, epochs=2)
+    # a 2-epoch run killed after epoch 1, run again: equals the uninterrupted 2-epoch run
+    k = tmp_path / "k"
+    with pytest.raises(Killed):
+        _run(data, k, epochs=2, on_epoch_end=_kill_after(1))
+    assert not (k / "weights.pth").exists()
+    res = _run(data, k, epochs=2)
     assert [h["epoch"] for h in res["history"]] == [1, 2]
-    w2, wr = _weights(run2["out"] / "weights.pth"), _weights(b / "weights.pth")
-    diff = [k for k in w2 if not torch.equal(w2[k], wr[k])]
+    w2, wr = _weights(run2["out"] / "weights.pth"), _weights(k / "weights.pth")
+    diff = [key for key in w2 if not torch.equal(w2[key], wr[key])]
     assert not diff, diff[:5]
     l2 = [h["loss"] for h in run2["res"]["history"]]
     assert [h["loss"] for h in res["history"]] == l2
@@ -238,6 +257,34 @@ def test_same_seed_same_weights_and_resume(run2, data, tmp_path):
     _run(data, c, epochs=1, seed=1)
     wc = _weights(c / "weights.pth")
     assert not torch.equal(wa["layer4.2.conv3.weight"], wc["layer4.2.conv3.weight"])
+
+
+def test_a_changed_temperature_reruns_instead_of_resuming(data, tmp_path, caplog):
+    """Issue 13.3: a finished run rerun with another temperature (or lr) must train again,
+    not hand back the old weights under the new provenance."""
+    out = tmp_path / "run"
+    _run(data, out, epochs=1, temperature=0.2)
+    first = hashlib.sha256((out / "weights.pth").read_bytes()).hexdigest()
+    with caplog.at_level("WARNING", logger="avepipe.training"):
+        _run(data, out, epochs=1, temperature=0.9)
+    assert any("differs in temperature" in r.getMessage() for r in caplog.records)
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["config"]["temperature"] == 0.9 and prov["weights_sha256"] != first
+    _run(data, tmp_path / "fresh", epochs=1, temperature=0.9)
+    wa, wb = _weights(out / "weights.pth"), _weights(tmp_path / "fresh" / "weights.pth")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_crafted_checkpoint_runs_nothing(data, tmp_path):
+    from training.test_harness import Payload, payload_is_live
+
+    marker = tmp_path / "PWNED"
+    payload_is_live(marker)
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"config": Payload(marker), "epoch": 1, "history": []}, out / "checkpoint.pt")
+    res = _run(data, out, epochs=1)
+    assert not marker.exists() and [h["epoch"] for h in res["history"]] == [1]
 
 
 def test_bad_trainable_and_encoder(data, tmp_path):

@@ -1,4 +1,4 @@
-"""Data of the fine-tuning stage (avepipe.finetune): which videos, and their frames, waveforms
+"""Data of the fine-tuning stage (avepipe.training.finetune): which videos, and their frames, waveforms
 and partner vectors, read from the decoded shards and feature stores.
 
 Only train (+ val, by config) videos are used: the split filter runs on the manifest before
@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import zarr
 
-from avepipe.extract import audio_chunks
+from avepipe.extract import audio_inputs
 
 log = logging.getLogger(__name__)
 
@@ -169,12 +169,14 @@ def batch_frames(data: FinetuneData, idx: np.ndarray, pick: np.ndarray) -> np.nd
     return np.ascontiguousarray(np.concatenate(out))
 
 
-def batch_waves(data: FinetuneData, idx: np.ndarray) -> np.ndarray:
-    """float32 (sum T_i, rate): the 1-s chunks of each video of ``idx``, cut exactly as the
-    extraction stage cuts them (avepipe.extract.audio_chunks on the 1-s segment grid)."""
+def batch_waves(data: FinetuneData, idx: np.ndarray, options: Any = None) -> np.ndarray:
+    """float32 (sum T_i, samples): the rows of each video of ``idx`` on the 1-s segment grid,
+    cut exactly as the extraction stage cuts them for the encoder whose options object
+    (``EncoderSpec.check_options``) is ``options`` (avepipe.extract.audio_inputs: the
+    encoder's ``cut_audio`` hook, else 1-s chunks)."""
     rate = data.waves.rate
     out = []
     for i in idx:
         t = int(data.n_segments[int(i)])
-        out.append(audio_chunks(data.waves[int(i)], rate, np.arange(t, dtype=np.float64), 1.0))
+        out.append(audio_inputs(options, data.waves[int(i)], rate, np.arange(t, dtype=np.float64), 1.0, False))
     return np.ascontiguousarray(np.concatenate(out))

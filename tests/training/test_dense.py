@@ -1,6 +1,7 @@
 """Dense UnAV-100 training: loading ragged window/hop stores + manifest (bad input handled
 as documented), outputs (predictions JSON, metrics.json, per-class table, PR curve), the
-AVCA/BECE switches, resume and determinism. Tiny dims throughout (dim 32, levels 3)."""
+AVCA/BECE switches, resume and determinism, the recipe read from TRAIN_DEFAULTS, settings
+and options the loop refuses. Tiny dims throughout (dim 32, levels 3)."""
 import json
 import logging
 import math
@@ -10,8 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from avepipe.dense_train import (DenseData, load_dense_data, pr_curves, to_seconds, to_steps, train_dense)
 from avepipe.heads.dense import DenseLocalizer
+from avepipe.options import EvaluateOptions, HeadOptions, TrainOptions
+from avepipe.training import dense as TD
+from avepipe.metrics import precision_recall as pr_curves
+from avepipe.training.dense_data import DenseData, load_dense_data, to_seconds, to_steps
 from avepipe.metrics import detection_map, interpolated_ap
 from avepipe.store import write_feature_shard
 
@@ -76,7 +80,7 @@ def test_load_ragged_stores_and_bad_input(tmp_path, caplog):
         ("e_decode_failed", "train", 20.0, _ev((1.0, 2.0, 0)), "failed"),
     ])
     vdir, adir, stored = _stores(tmp_path, feats, failed={"c_extract_failed"})
-    with caplog.at_level(logging.WARNING, logger="avepipe.dense_train"):
+    with caplog.at_level(logging.WARNING, logger="avepipe.training.dense_data"):
         data = load_dense_data(man, [vdir], [adir], classes=CLASSES)
     assert data.video_ids == ["a_ok", "b_short", "d_weird"]
     assert list(data.split) == ["train", "test", "val"]
@@ -100,6 +104,26 @@ def test_load_ragged_stores_and_bad_input(tmp_path, caplog):
     assert "c_extract_failed: feature extraction failed (no video stream)" in text
     assert "excluded 1 video(s) failed in decode and 1 failed in feature extraction" in text
     assert "b_short" in caplog.text and "c_extract_failed" in caplog.text
+
+
+def test_ground_truth_from_the_annotations_counts_failed_test_videos(tmp_path):
+    """A test video that failed to decode or extract stays in the ground truth (all missed),
+    its annotated events unclipped, and the report says how many."""
+    feats = {"t_ok": _steps(20.0), "t_extract_failed": 30, "tr": _steps(20.0)}
+    man = _manifest([
+        ("tr", "train", 20.0, _ev((2.0, 5.0, 0)), "ok"),
+        ("t_ok", "test", 20.0, _ev((1.0, 30.0, 1)), "ok"),            # past the features: kept as annotated
+        ("t_extract_failed", "test", 15.0, _ev((1.0, 2.0, 0), (3.0, 4.0, 2)), "ok"),
+        ("t_decode_failed", "test", 20.0, _ev((5.0, 6.0, 1)), "failed"),
+    ])
+    vdir, adir, _ = _stores(tmp_path, feats, failed={"t_extract_failed"})
+    data = load_dense_data(man, [vdir], [adir], classes=CLASSES)
+    gt = data.gt["test"]
+    assert gt.video_ids == ["t_ok", "t_extract_failed", "t_decode_failed"]
+    assert gt.not_evaluated == ["t_extract_failed", "t_decode_failed"] and gt.n_events_not_evaluated == 3
+    assert len(gt.events) == 4 and gt.events["t_end"].max() == 30.0
+    rep = gt.report()
+    assert rep["n_videos_not_evaluated"] == 2 and rep["n_gt_events"] == 4
 
 
 def test_visual_maps_pooled_and_window_hop_required(tmp_path):
@@ -170,11 +194,24 @@ def _toy(n=12, seed=0):
                      CLASSES)
 
 
+def _train(data, out, *, seed=0, epochs=2, batch_size=4, lr=1e-3, select_on="val", normalize="none",
+           precision="float32", setting="full", evaluate=None, hparams=None, **kw):
+    return TD.train_dense(data, out, head="dense", setting=setting, seed=seed,
+                          train=TrainOptions(select_on=select_on, normalize=normalize, precision=precision,
+                                             device="cpu"),
+                          head_opts=HeadOptions(epochs=epochs, batch_size=batch_size, lr=lr,
+                                                hparams={**TINY, **(hparams or {})}),
+                          evaluate=evaluate or EvaluateOptions(), **kw)
+
+
+def _log(out):
+    return [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+
+
 def test_outputs_predictions_json_and_metrics(tmp_path):
     torch.set_num_threads(1)
     data = _toy()
-    m = train_dense(data, tmp_path, seed=0, epochs=2, batch_size=4, lr=1e-3, eval_every=1, progress=False,
-                    max_segments=20, **TINY)
+    m = _train(data, tmp_path, eval_every=1, evaluate=EvaluateOptions(max_segments=20))
     keys = [f"mAP@0.{k}" for k in range(1, 10)]
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert all(k in saved for k in keys + ["average_mAP", "per_class_ap", "selected_epoch", "provenance"])
@@ -199,8 +236,66 @@ def test_outputs_predictions_json_and_metrics(tmp_path):
     assert n > 0
     table = pd.read_csv(tmp_path / "per_class_ap.csv")
     assert {"label_id", "class", "n_gt", "AP@0.5", "average_AP"} <= set(table.columns)
-    assert (tmp_path / "pr_curve.png").stat().st_size > 0 and (tmp_path / "ap.png").exists()
-    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
+    for name in ("pr_curve.png", "ap.png", "learning_curve.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    log = _log(tmp_path)
+    assert [r["epoch"] for r in log] == [1, 2] and all("val_average_mAP" in r for r in log)
+    # the selected EMA weights: 1-based epoch of the best val mAP, in best.pt with the classes
+    vals = [r["val_average_mAP"] for r in log]
+    assert saved["selected_epoch"] == int(np.argmax(vals)) + 1
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["epoch"] == saved["selected_epoch"] and best["classes"] == CLASSES and best["hparams"]["dim"] == 32
+
+
+def test_recipe_comes_from_train_defaults(tmp_path, monkeypatch):
+    """The optimizer, warm-up, schedule, clipping and EMA of heads/dense.py TRAIN_DEFAULTS are the
+    ones used: a changed recipe changes the logged lr (warm-up + cosine per step) and the run."""
+    from avepipe.heads import dense as HD
+
+    data = _toy()
+    # 8 epochs: min(warmup_epochs 5, 8 // 8) = 1 warm-up epoch on top; 2 train videos per
+    # epoch... _toy has 6 train videos -> 2 steps of 4 per epoch, 9 epochs = 18 steps
+    m = _train(data, tmp_path / "a", epochs=8, eval_every=9)
+    assert (m["epochs"], m["warmup_epochs"]) == (9, 1)
+    steps, total = 2, 18
+    lr = [r["lr"] for r in _log(tmp_path / "a")]   # the lr of each epoch's last step
+    want = [1e-3 * (0.5 * (1 + math.cos(math.pi * (s - 2) / (total - 2))) if s >= 2 else (s + 1) / 2)
+            for s in range(steps - 1, total, steps)]
+    assert lr == pytest.approx(want, rel=1e-12)
+    recipe = {**HD.TRAIN_DEFAULTS["full"], "schedule": {"kind": "none"}, "warmup_epochs": 0, "optimizer": "sgd"}
+    monkeypatch.setitem(HD.TRAIN_DEFAULTS, "full", recipe)
+    m2 = _train(data, tmp_path / "b", epochs=8, eval_every=9)
+    assert m2["warmup_epochs"] == 0 and [r["lr"] for r in _log(tmp_path / "b")] == [1e-3] * 8
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["config"]["train"]["optimizer"] == "sgd"
+
+
+def test_the_loop_refuses_settings_and_options_it_does_not_implement(tmp_path, monkeypatch):
+    import avepipe.heads as H
+
+    data = _toy()
+    with pytest.raises((KeyError, ValueError), match="weak"):
+        _train(data, tmp_path, setting="weak")
+    # even where the registry would let a weak dense head through, the loop refuses it
+    monkeypatch.setattr(H, "settings", lambda name: ("full", "weak"))
+    with pytest.raises(ValueError, match="implements the settings"):
+        _train(data, tmp_path, setting="weak")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="float32"):
+        _train(data, tmp_path, precision="bf16")
+    with pytest.raises(ValueError, match="no hyper-parameter"):
+        _train(data, tmp_path, hparams={"dimm": 3})
+    with pytest.raises(ValueError, match="AVE one|ave"):
+        TD.train_dense(data, tmp_path, head="avel", setting="full", seed=0, train=TrainOptions(device="cpu"),
+                       head_opts=HeadOptions(), evaluate=EvaluateOptions())
+
+
+def test_select_on_last_takes_the_final_ema_weights(tmp_path):
+    data = _toy()
+    m = _train(data, tmp_path, epochs=3, select_on="last", eval_every=1)
+    assert m["selected_epoch"] == 3 and m["select_on"] == "last"
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert all(torch.equal(best["model"][k], ck["ema"][k]) for k in best["model"])
 
 
 @pytest.mark.parametrize("switches", [dict(avca=True), dict(bece=True), dict(avca=True, bece=True)])
@@ -227,18 +322,38 @@ def test_avca_bece_switches_build_and_train(switches):
 def test_resume_and_determinism(tmp_path):
     torch.set_num_threads(1)
     data = _toy()
-    kw = dict(seed=3, epochs=3, batch_size=4, lr=1e-3, eval_every=1, progress=False, bece=True, **TINY)
-    full = train_dense(data, tmp_path / "full", **kw)
+    kw = dict(seed=3, epochs=3, eval_every=1, hparams={"bece": True})
+    full = _train(data, tmp_path / "full", **kw)
+
+    class Killed(Exception):
+        pass
+
+    def kill(epoch, rec):
+        if epoch == 1:
+            raise Killed
+
     # a fresh run with the same seed repeats epoch 1 bit for bit (determinism on CPU); the
     # resumed epochs 2-3 then match too (resume restores weights, EMA, optimiser, RNG)
-    assert train_dense(data, tmp_path / "res", stop_after_epoch=1, **kw) == {"stopped_at": 1}
-    assert json.loads((tmp_path / "res" / "log.jsonl").read_text().splitlines()[-1])["epoch"] == 1
-    resumed = train_dense(data, tmp_path / "res", **kw)
-    logs = [json.loads(x) for x in (tmp_path / "res" / "log.jsonl").read_text().splitlines()]
-    ref = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    with pytest.raises(Killed):
+        _train(data, tmp_path / "res", on_epoch_end=kill, **kw)
+    assert _log(tmp_path / "res")[-1]["epoch"] == 1
+    resumed = _train(data, tmp_path / "res", **kw)
+    logs, ref = _log(tmp_path / "res"), _log(tmp_path / "full")
     assert [r["epoch"] for r in logs] == [1, 2, 3]
     assert [r["loss"] for r in logs] == [r["loss"] for r in ref]
     assert resumed["average_mAP"] == full["average_mAP"] and resumed["per_class_ap"] == full["per_class_ap"]
-    a = torch.load(tmp_path / "full" / "checkpoint.pt")["model"]
-    b = torch.load(tmp_path / "res" / "checkpoint.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name, key in (("checkpoint.pt", "model"), ("checkpoint.pt", "ema"), ("best.pt", "model")):
+        a = torch.load(tmp_path / "full" / name, weights_only=True)[key]
+        b = torch.load(tmp_path / "res" / name, weights_only=True)[key]
+        assert all(torch.equal(a[k], b[k]) for k in a), (name, key)
+    # a finished run run again: nothing retrained, the same metrics
+    again = _train(data, tmp_path / "res", **kw)
+    assert again["average_mAP"] == full["average_mAP"] and len(_log(tmp_path / "res")) == 3
+
+
+def test_a_changed_evaluation_setting_starts_fresh(tmp_path, caplog):
+    data = _toy()
+    _train(data, tmp_path, epochs=1, eval_every=1)
+    with caplog.at_level("WARNING", logger="avepipe.training"):
+        _train(data, tmp_path, epochs=1, eval_every=1, evaluate=EvaluateOptions(soft_nms_sigma=0.5))
+    assert any("evaluate.sigma" in r.getMessage() and "starting fresh" in r.getMessage() for r in caplog.records)

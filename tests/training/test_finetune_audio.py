@@ -12,26 +12,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
 
-from avepipe import finetune as ft
-from avepipe import finetune_data as ftd
 from avepipe.encoders import get_encoder
-from finetune_cases import decoded_set
 from avepipe.encoders.vggish import LogMelPatch
+from avepipe.options import FinetuneOptions
+from avepipe.training import finetune as ft
+from avepipe.training import finetune_data as ftd
 from avepipe.extract import audio_chunks, extract_shard
 from avepipe.store import open_features, write_feature_shard
+from training.finetune_cases import decoded_set
 
 torch.set_num_threads(1)
 
 N_SEG = 2
 RATES = [16000, 32000]
-KW = dict(epochs=2, lr=1e-2, batch_size=4, trainable="last:1", milestones=(), progress=False,
-          device="cpu", proj_dim=32)
+KW = dict(epochs=2, lr=1e-2, batch_size=4, trainable="last:1", milestones=[], device="cpu", proj_dim=32)
 
 
 def _colour_maps(frames: np.ndarray) -> np.ndarray:
@@ -60,8 +61,19 @@ def _weights(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _audio(data, out, encoder="vggish", **kw):
-    return ft.finetune(data["manifest"], data["decoded"], data["visual"], encoder, out, side="audio", **{**KW, **kw})
+def _opts(**kw) -> FinetuneOptions:
+    return FinetuneOptions(**{"encoder": "resnet50", "audio": "vggish", **KW, **kw})
+
+
+def _audio(data, out, encoder="vggish", base_weights="random", seed=0, manifest=None, on_epoch_end=None, **kw):
+    m = data["manifest"] if manifest is None else manifest
+    return ft.finetune(m, data["decoded"], data["visual"], out, _opts(audio=encoder, side="audio", **kw),
+                       base_weights={encoder: base_weights}, seed=seed, on_epoch_end=on_epoch_end)
+
+
+def _both(data, out, seed=0, on_epoch_end=None, **kw):
+    return ft.finetune(data["manifest"], data["decoded"], [], out, _opts(side="both", **kw),
+                       base_weights={"resnet50": "random", "vggish": "random"}, seed=seed, on_epoch_end=on_epoch_end)
 
 
 @pytest.fixture(scope="module")
@@ -97,28 +109,29 @@ def vggish_scaled(tmp_path_factory):
 
 # --------------------------------------------------------------------------- blocks
 def test_audio_blocks_and_frozen_front_ends():
-    vgg = get_encoder("vggish").load("random").model
-    assert len(ft.trainable_blocks(vgg, "vggish")) == 5
-    assert {n.split(".")[0] for n in ft.set_trainable(vgg, "vggish", "last:1")} == {"embeddings"}
-    names = ft.set_trainable(vgg, "vggish", "last:2")
+    vspec, cspec = get_encoder("vggish"), get_encoder("cnn14")
+    vgg = vspec.load("random").model
+    assert len(vspec.trainable_blocks(vgg)) == 5
+    assert {n.split(".")[0] for n in ft.set_trainable(vgg, vspec, "last:1")} == {"embeddings"}
+    names = ft.set_trainable(vgg, vspec, "last:2")
     assert {n.split(".")[0] for n in names} == {"embeddings", "features"}
     assert {n for n in names if n.startswith("features")} == {"features.11.weight", "features.11.bias",
                                                               "features.13.weight", "features.13.bias"}
-    cnn = get_encoder("cnn14").load("random").model
-    assert len(ft.trainable_blocks(cnn, "cnn14")) == 7
-    assert {n.split(".")[0] for n in ft.set_trainable(cnn, "cnn14", "last:1")} == {"fc1"}
-    every = set(ft.set_trainable(cnn, "cnn14", "all"))
+    cnn = cspec.load("random").model
+    assert len(cspec.trainable_blocks(cnn)) == 7
+    assert {n.split(".")[0] for n in ft.set_trainable(cnn, cspec, "last:1")} == {"fc1"}
+    every = set(ft.set_trainable(cnn, cspec, "all"))
     front = {n for n, _ in cnn.named_parameters() if n.split(".")[0] in
              ("spectrogram_extractor", "logmel_extractor", "bn0", "fc_audioset")}
     assert front and not every & front
     assert every == {n for n, _ in cnn.named_parameters()} - front
     with pytest.raises(ValueError, match="cnn14 has 7 blocks"):
-        ft.set_trainable(cnn, "cnn14", "last:8")
+        ft.set_trainable(cnn, cspec, "last:8")
 
 
 def test_train_mode_keeps_frozen_batchnorms_and_dropout_off():
     cnn = get_encoder("cnn14").load("random").model
-    ft.set_trainable(cnn, "cnn14", "last:2")  # conv_block6 + fc1
+    ft.set_trainable(cnn, get_encoder("cnn14"), "last:2")  # conv_block6 + fc1
     ft.train_mode(cnn)
     assert not cnn.training and not cnn.spec_augmenter.training  # no dropout, no SpecAugment
     assert cnn.conv_block6.bn1.training and cnn.conv_block6.bn2.training
@@ -134,11 +147,19 @@ def test_audio_data_is_train_val_waves_and_visual_partner(data):
     row = data["vids"].index(d.video_ids[3])
     wave = np.asarray(g["audio_16000"][row])
     np.testing.assert_array_equal(d.waves[3], wave[: N_SEG * 16000])
-    # the chunks are the extraction stage's 1-s chunks, video after video
+    # without an encoder's own cut: the extraction stage's 1-s chunks, video after video
     x = ftd.batch_waves(d, np.array([3, 0]))
     assert x.shape == (2 * N_SEG, 16000) and x.dtype == np.float32
     np.testing.assert_array_equal(x[:N_SEG], audio_chunks(wave, 16000, np.arange(N_SEG, dtype=float), 1.0))
     np.testing.assert_array_equal(x[1, :100], wave[16000:16100])
+    # VGGish's default framing (clip): patch k of the continuous 0.96-s framing, as extraction cuts it
+    spec = get_encoder("vggish")
+    clip = ftd.batch_waves(d, np.array([3, 0]), spec.check_options({}))
+    assert clip.shape == (2 * N_SEG, 15600)
+    for k in range(N_SEG):
+        np.testing.assert_array_equal(clip[k], wave[15360 * k: 15360 * k + 15600])
+    second = ftd.batch_waves(d, np.array([3]), spec.check_options({"framing": "second"}))
+    np.testing.assert_array_equal(second, x[:N_SEG])
     # partner: mean over seconds and space of the stored visual maps
     maps = np.stack([_colour_maps(np.asarray(g["frames"][data["vids"].index(v)])) for v in d.video_ids])
     np.testing.assert_allclose(d.visual, maps.mean((1, 2, 3)), rtol=1e-5)
@@ -167,8 +188,7 @@ def test_test_ids_are_never_read(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ftd._RowSource, "__getitem__", spy)
     monkeypatch.setattr(store, "open_features", open_spy)  # store_means imports it at call time
-    ft.finetune(data["manifest"], data["decoded"], [], "resnet50", tmp_path / "both", side="both",
-                audio_encoder="vggish", **{**KW, "epochs": 1})
+    _both(data, tmp_path / "both", epochs=1)
     _audio(data, tmp_path / "audio", epochs=1)
     # batches of 4 of the 6 train/val videos (the incomplete batch is dropped): a subset is read
     assert len(set(read)) >= 4 and set(read) <= set(data["trainval"])
@@ -207,7 +227,8 @@ def test_vggish_only_trained_block_changes_in_torchvggish_layout(vggish_run):
 
 def test_vggish_weights_through_extraction(vggish_run, data, tmp_path):
     """Extraction with the saved file == a direct forward of the fine-tuned module on the
-    decoded waveform through the VGGish front end."""
+    decoded waveform through the VGGish front end (default framing: patch k starts at sample
+    15360 k, as the fine-tuning batches cut it)."""
     path = vggish_run["out"] / "weights.pth"
     out = extract_shard(data["decoded"][0], data["index"], "vggish", str(path), tmp_path / "f.zarr",
                         device="cpu", dtype="float32", num_workers=0, progress=False)
@@ -218,7 +239,8 @@ def test_vggish_weights_through_extraction(vggish_run, data, tmp_path):
     for k, vid in enumerate(["vid01xxxxx", "vid06xxxxx"]):
         wave = np.asarray(g["audio_16000"][data["vids"].index(vid)])
         with torch.no_grad():
-            want = trunk(LogMelPatch()(torch.from_numpy(audio_chunks(wave, 16000, np.arange(N_SEG, dtype=float), 1.0))))
+            patches = np.stack([wave[15360 * j: 15360 * j + 15600] for j in range(N_SEG)])
+            want = trunk(LogMelPatch()(torch.from_numpy(patches)))
         np.testing.assert_allclose(got[k], want.numpy(), rtol=1e-4, atol=1e-5)
     base = extract_shard(data["decoded"][0], data["index"], "vggish", "random", tmp_path / "b.zarr",
                          device="cpu", dtype="float32", num_workers=0, progress=False)
@@ -252,8 +274,7 @@ def test_cnn14_checkpoint_layout_changes_and_extraction(data, cnn14_base, tmp_pa
 # --------------------------------------------------------------------------- side both
 def test_both_sides_train_together(data, tmp_path):
     out = tmp_path / "both"
-    res = ft.finetune(data["manifest"], data["decoded"], [], "resnet50", out, side="both",
-                      audio_encoder="vggish", **{**KW, "epochs": 1})
+    res = _both(data, out, epochs=1)
     for name in ("resnet50.pth", "vggish.pth", "log.jsonl", "loss.png", "provenance.json"):
         assert (out / name).is_file(), name
     assert not (out / "weights.pth").exists()
@@ -281,9 +302,9 @@ def test_cli_side_audio_equals_the_function(data, vggish_run, tmp_path):
     man = tmp_path / "manifest.parquet"
     data["manifest"].to_parquet(man)
     out = tmp_path / "cli"
-    rc = main(["finetune", "--manifest", str(man), "--encoder", "vggish", "--side", "audio", "--epochs", "2",
-               "--lr", str(KW["lr"]), "--milestones", "", "--batch-size", "4", "--proj-dim", "32",
-               "--trainable", "last:1", "--include-val", "--device", "cpu", "--no-progress",
+    rc = main(["finetune", "--manifest", str(man), "--encoder", "resnet50", "--audio", "vggish", "--side", "audio",
+               "--epochs", "2", "--lr", str(KW["lr"]), "--milestones", "--batch-size", "4", "--proj-dim", "32",
+               "--trainable", "last:1", "--include-val", "--device", "cpu", "--base-weights", "vggish=random",
                "--partner-store", *map(str, data["visual"]), "--decoded", *map(str, data["decoded"]),
                "--out-dir", str(out)])
     assert rc == 0
@@ -293,12 +314,14 @@ def test_cli_side_audio_equals_the_function(data, vggish_run, tmp_path):
 
 
 def test_side_and_encoder_checks(data, tmp_path):
-    with pytest.raises(ValueError, match="trains an audio encoder"):
+    with pytest.raises(ValueError, match="trains finetune.audio, an audio encoder"):
         _audio(data, tmp_path, encoder="resnet50")
-    with pytest.raises(ValueError, match="needs audio_encoder"):
-        ft.finetune(data["manifest"], data["decoded"], [], "resnet50", tmp_path, side="both", **KW)
+    with pytest.raises(ValueError, match="trains finetune.audio"):
+        ft.finetune(data["manifest"], data["decoded"], [], tmp_path, _opts(side="both", audio=None),
+                    base_weights={}, seed=0)
     with pytest.raises(ValueError, match="partner"):
-        ft.finetune(data["manifest"], data["decoded"], [], "vggish", tmp_path, side="audio", **KW)
+        ft.finetune(data["manifest"], data["decoded"], [], tmp_path, _opts(side="audio"),
+                    base_weights={"vggish": "random"}, seed=0)
 
 
 # --------------------------------------------------------------------------- learning, reproducibility
@@ -306,11 +329,21 @@ def test_side_and_encoder_checks(data, tmp_path):
 def test_audio_loss_goes_down(data, vggish_scaled, tmp_path):
     m = data["manifest"]
     m = m[m.video_id.isin(data["trainval"][:4])]  # one fixed batch per epoch
-    res = ft.finetune(m, data["decoded"], data["visual"], "vggish", tmp_path, side="audio",
-                      **{**KW, "base_weights": str(vggish_scaled), "epochs": 4, "lr": 0.01})
+    res = _audio(data, tmp_path, base_weights=str(vggish_scaled), manifest=m, epochs=4, lr=0.01)
     losses = [h["loss"] for h in res["history"]]
     assert losses[0] == pytest.approx(np.log(4), abs=0.3)  # chance level at the start
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_after(n):
+    def kill(epoch, rec):
+        if epoch == n:
+            raise Killed
+    return kill
 
 
 @pytest.mark.slow
@@ -320,9 +353,12 @@ def test_audio_same_seed_same_weights_and_resume(vggish_run, data, tmp_path):
     _audio(data, b, epochs=1)
     wa, wb = _weights(a / "weights.pth"), _weights(b / "weights.pth")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    res = _audio(data, b, epochs=2)  # resumes from b's epoch-1 checkpoint
-    w2, wr = _weights(vggish_run["out"] / "weights.pth"), _weights(b / "weights.pth")
-    assert not [k for k in w2 if not torch.equal(w2[k], wr[k])]
+    k = tmp_path / "k"
+    with pytest.raises(Killed):
+        _audio(data, k, epochs=2, on_epoch_end=_kill_after(1))
+    res = _audio(data, k, epochs=2)  # resumes from the epoch-1 checkpoint
+    w2, wr = _weights(vggish_run["out"] / "weights.pth"), _weights(k / "weights.pth")
+    assert not [key for key in w2 if not torch.equal(w2[key], wr[key])]
     assert [h["loss"] for h in res["history"]] == [h["loss"] for h in vggish_run["res"]["history"]]
     c = tmp_path / "c"
     _audio(data, c, epochs=1, seed=1)
@@ -331,14 +367,11 @@ def test_audio_same_seed_same_weights_and_resume(vggish_run, data, tmp_path):
 
 @pytest.mark.slow
 def test_both_same_seed_same_weights_and_resume(data, tmp_path):
-    def run(out, **kw):
-        return ft.finetune(data["manifest"], data["decoded"], [], "resnet50", out, side="both",
-                           audio_encoder="vggish", **{**KW, **kw})
-
     full, part = tmp_path / "full", tmp_path / "part"
-    r2 = run(full, epochs=2)
-    run(part, epochs=1)
-    rr = run(part, epochs=2)  # resumed
+    r2 = _both(data, full, epochs=2)
+    with pytest.raises(Killed):
+        _both(data, part, epochs=2, on_epoch_end=_kill_after(1))
+    rr = _both(data, part, epochs=2)  # resumed
     for enc in ("resnet50", "vggish"):
         a, b = _weights(full / f"{enc}.pth"), _weights(part / f"{enc}.pth")
         assert not [k for k in a if not torch.equal(a[k], b[k])], enc
@@ -353,7 +386,7 @@ def test_config_ft_features_follow_the_side(side, trained):
 
     from avepipe import config as apcfg
 
-    cfg = yaml.safe_load(open(apcfg.SCHEMA_PATH.parents[2] / "workflow/config/demo.yaml"))
+    cfg = yaml.safe_load(open(Path(__file__).parents[2] / "workflow/config/demo.yaml"))
     cfg.update(also=[], features=[], heads={})
     cfg["finetune"]["side"] = side
     apcfg.validate(cfg)
