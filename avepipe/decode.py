@@ -28,8 +28,11 @@ K frames per second (``sample_frames_per_segment``) are drawn at seeded random
 times, one in each of K equal sub-intervals of the second; the seed is derived
 from ``seed`` and the video id (sha1), so reruns and other machines agree.
 
+Every array ends its codecs with crc32c and every row is written (zeros for failed
+videos), so a missing, truncated or altered chunk is found (avepipe.verify);
+``open_decoded`` checks that every chunk file is there before a reader uses the shard.
 The store is built in ``<out>.tmp-<pid>`` and renamed when complete, so a shard
-that exists is whole; temporary directories of dead runs are removed.
+that exists is whole; temporary directories of dead runs are removed (and logged).
 """
 from __future__ import annotations
 
@@ -45,10 +48,12 @@ import numpy as np
 import pandas as pd
 import zarr
 from tqdm.auto import tqdm
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from avepipe import media
 from avepipe.provenance import provenance
+from avepipe.store import ARRAY_CONFIG, codecs, finish_store, mark_writer, remove_stale_temporaries
+from avepipe.verify import open_checked, read_checked
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +62,11 @@ TOLERANCE_S = 0.1              # length mismatch below this is not worth a warni
 SILENCE_PEAK = 1e-4            # -80 dBFS
 # Blosc-lz4: ~4x faster to write than zstd-3 at similar size here (float audio barely
 # compresses; byte-shuffle helps it a little, ~0.8), so the store is not the bottleneck.
-AUDIO_COMPRESSORS = [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
-FRAME_COMPRESSORS = [BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")]
+# crc32c last: the checksum covers the bytes on disk (avepipe.verify).
+AUDIO_COMPRESSORS = [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+FRAME_COMPRESSORS = [BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"), Crc32cCodec()]
+FRAME_DIMS = ["video", "second", "frame", "height", "width", "rgb"]
+STATUS_ARRAYS = ("video_id", "status", "reason", "warnings", "n_segments")
 PROBE_KEYS = ("duration", "fps", "width", "height", "pix_fmt", "audio_rate", "audio_channels",
               "has_audio", "has_video", "n_frames_est")
 # Probe facts copied into the manifest (``duration`` renamed to ``probe_duration``).
@@ -86,25 +94,6 @@ def _clean_json(value):
     if isinstance(value, np.generic):
         return _clean_json(value.item())
     return value
-
-
-def _remove_stale_tmp(out: Path) -> None:
-    """Delete ``<out>.tmp-<pid>`` dirs left by dead runs (and by this process)."""
-    for tmp in out.parent.glob(f"{out.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        alive = False
-        if pid.isdigit() and int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), 0)
-                alive = True
-            except ProcessLookupError:
-                alive = False
-            except PermissionError:
-                alive = True
-        if alive:
-            log.warning("leaving %s alone: process %s is still running", tmp, pid)
-            continue
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _annotated(rows: pd.DataFrame) -> float:
@@ -180,9 +169,19 @@ def _write_row(frames_arr: zarr.Array, audio_arrays: dict, i: int, frames: np.nd
 
 
 def _str_array(group: zarr.Group, name: str, values: list[str]) -> None:
-    arr = group.create_array(name, shape=(len(values),), dtype=str, chunks=(max(1, len(values)),))
+    arr = group.create_array(name, shape=(len(values),), dtype=str, chunks=(max(1, len(values)),),
+                             compressors=codecs(), config=ARRAY_CONFIG, dimension_names=["video"])
     if values:
         arr[:] = np.asarray(values, dtype=str)
+
+
+def open_decoded(shard: str | Path, arrays: list[str] | None = None) -> zarr.Group:
+    """A decoded shard opened for reading after the cheap integrity check of ``arrays``
+    (default: all): unreadable metadata or a missing/truncated chunk file raises
+    ``avepipe.verify.StoreDamagedError`` naming store, array and chunk. Checksums are
+    checked by the codec on every read; ``avepipe.verify.read_checked(shard, group, name,
+    rows)`` turns a failed read into the same error."""
+    return open_checked(shard, arrays)
 
 
 def decode_shard(rows: pd.DataFrame, out: str | Path, *, n_segments: int | None, audio_rates: list[int],
@@ -206,7 +205,7 @@ def decode_shard(rows: pd.DataFrame, out: str | Path, *, n_segments: int | None,
     audio_rates = [int(r) for r in audio_rates]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(out)
+    remove_stale_temporaries(out)
 
     groups = {vid: g for vid, g in rows.groupby("video_id", sort=True)}
     plans = [_plan(str(vid), g, n_segments) for vid, g in groups.items()]
@@ -218,14 +217,19 @@ def decode_shard(rows: pd.DataFrame, out: str | Path, *, n_segments: int | None,
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
-        root = zarr.open_group(str(tmp), mode="w")
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        mark_writer(tmp)
+        # every chunk is written, zeros included (ARRAY_CONFIG): a missing one is damage
         audio_arrays = {
             r: root.create_array(f"audio_{r}", shape=(n, max_seg * r), chunks=(1, max_seg * r),
-                                 dtype="float32", fill_value=0.0, compressors=AUDIO_COMPRESSORS)
+                                 dtype="float32", fill_value=0.0, compressors=AUDIO_COMPRESSORS,
+                                 config=ARRAY_CONFIG, dimension_names=["video", "sample"])
             for r in audio_rates}
         frames_arr = root.create_array("frames", shape=(n, max_seg, k, *FRAME_SIZE, 3),
                                        chunks=(1, max_seg, max(k, 1), *FRAME_SIZE, 3), dtype="uint8", fill_value=0,
-                                       compressors=FRAME_COMPRESSORS)
+                                       compressors=FRAME_COMPRESSORS, config=ARRAY_CONFIG,
+                                       dimension_names=FRAME_DIMS)
+        written = np.zeros(n, bool)
         # Rows are written by a background thread while the next video decodes
         # (compression and I/O release the GIL); one row in flight bounds memory.
         pending = None
@@ -250,8 +254,13 @@ def decode_shard(rows: pd.DataFrame, out: str | Path, *, n_segments: int | None,
                 if pending is not None:
                     pending.result()
                 pending = writer.submit(_write_row, frames_arr, audio_arrays, i, frames, audio)
+                written[i] = True
             if pending is not None:
                 pending.result()
+        no_frames = np.zeros((0, k, *FRAME_SIZE, 3), np.uint8)
+        no_audio = {r: np.zeros(0, np.float32) for r in audio_rates}
+        for i in np.flatnonzero(~written):  # failed videos: zero rows, written like the others
+            _write_row(frames_arr, audio_arrays, int(i), no_frames, no_audio)
         for item in plans:
             if item["status"] != "ok":
                 item["n_segments"] = 0
@@ -259,7 +268,8 @@ def decode_shard(rows: pd.DataFrame, out: str | Path, *, n_segments: int | None,
         _str_array(root, "status", [p["status"] for p in plans])
         _str_array(root, "reason", [p["reason"] for p in plans])
         _str_array(root, "warnings", ["; ".join(p["warnings"]) for p in plans])
-        seg = root.create_array("n_segments", shape=(n,), chunks=(max(1, n),), dtype="int32")
+        seg = root.create_array("n_segments", shape=(n,), chunks=(max(1, n),), dtype="int32",
+                                compressors=codecs(), config=ARRAY_CONFIG, dimension_names=["video"])
         if n:
             seg[:] = np.array([p["n_segments"] for p in plans], np.int32)
         config = {"n_segments": n_segments, "audio_rates": audio_rates,
@@ -273,9 +283,7 @@ def decode_shard(rows: pd.DataFrame, out: str | Path, *, n_segments: int | None,
                                      frame_interpolation=media.FRAME_INTERPOLATION,
                                      downmix="mean of channels"),
         })
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        finish_store(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -296,15 +304,16 @@ def _status_table(plans: list[dict]) -> pd.DataFrame:
 
 def read_status(shard: str | Path) -> pd.DataFrame:
     """Per-video table of a decoded shard: status, reason, warnings, n_segments, probe facts."""
-    root = zarr.open_group(str(shard), mode="r")
+    root = open_decoded(shard, list(STATUS_ARRAYS))
     probe = root.attrs.get("probe", {})
-    vids = [str(v) for v in root["video_id"][:]]
+    arrays = {k: read_checked(shard, root, k) for k in STATUS_ARRAYS}
+    vids = [str(v) for v in arrays["video_id"]]
     df = pd.DataFrame({
         "video_id": vids,
-        "status": [str(v) for v in root["status"][:]],
-        "reason": [str(v) for v in root["reason"][:]],
-        "warnings": [str(v) for v in root["warnings"][:]],
-        "n_segments": np.asarray(root["n_segments"][:], dtype=np.int64),
+        "status": [str(v) for v in arrays["status"]],
+        "reason": [str(v) for v in arrays["reason"]],
+        "warnings": [str(v) for v in arrays["warnings"]],
+        "n_segments": np.asarray(arrays["n_segments"], dtype=np.int64),
     })
     for key, col in MANIFEST_PROBE.items():
         df[col] = [np.nan if probe.get(v, {}).get(key) is None else probe[v][key] for v in vids]

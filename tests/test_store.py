@@ -173,3 +173,163 @@ def test_default_uncompressed_and_read_blocks_span_videos(tmp_path):
     assert inspect_store(out)["compressors"] == []
     fs = open_features(out)
     assert fs.features.chunks[0][0] == 40  # one dask task for this small store
+
+
+# --------------------------------------------------------------------------- integrity, fast reads, xarray
+def _chunk_files(shard, array):
+    return sorted(p for p in (shard / array).rglob("*") if p.is_file() and p.name != "zarr.json")
+
+
+def test_every_chunk_written_and_checksummed(tmp_path, monkeypatch):
+    # rows of 10x4 float32 = 160 B; a 320 B target gives 2 videos per chunk
+    monkeypatch.setattr(store, "CHUNK_TARGET_BYTES", 320)
+    ids = [f"v{i}" for i in range(5)]
+    with FeatureShardWriter(tmp_path / "s.zarr", ids, 10, (4,), "float32") as w:
+        w.write(0, np.ones((10, 4)))
+        w.write(4, np.ones((10, 4)))
+        # rows 1-3 never given: chunk 1 (rows 2-3) is all zeros and must still be written
+        out = w.commit()
+    g = zarr.open_group(str(out), mode="r")
+    assert [p.relative_to(out / "features").as_posix() for p in _chunk_files(out, "features")] == [
+        "c/0/0/0", "c/1/0/0", "c/2/0/0"]
+    for name in ("lengths", "status", "reason", "video_id", "timestamps"):
+        assert len(_chunk_files(out, name)) == 1, name  # lengths all zero but row 0/4 -> written anyway
+    for name, arr in g.arrays():
+        assert type(arr.metadata.codecs[-1]).__name__ == "Crc32cCodec", name
+    fs = open_features(out)
+    assert list(fs.status) == ["ok", "failed", "failed", "failed", "ok"]
+    assert list(fs.reason[1:4]) == ["not written"] * 3
+    np.testing.assert_array_equal(fs.read()[1:4], 0)
+
+
+def test_all_zero_store_still_has_every_chunk(tmp_path):
+    # zarr skips chunks equal to the fill value unless told otherwise: a store of failed
+    # videos (zeros, lengths 0) must still have all its chunk files
+    out = write_feature_shard(tmp_path / "s.zarr", ["a", "b"], np.zeros((2, 10, 4)), lengths=[0, 0],
+                              status=["failed", "failed"], dtype="float32")
+    for name in ("features", "lengths"):
+        assert len(_chunk_files(out, name)) == 1, name
+
+
+def test_dimension_names_and_xarray_open_zarr(tmp_path):
+    import warnings
+
+    import xarray as xr
+
+    x = _maps(3, shape=(2, 2, 4))
+    x[1] = 0
+    write_feature_shard(tmp_path / "shard-000.zarr", ["a", "b", "c"], x, lengths=[10, 0, 10])
+    write_feature_shard(tmp_path / "shard-001.zarr", ["d"], _maps(1, shape=(2, 2, 4), seed=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # consolidated metadata: no fallback warning
+        ds = xr.open_zarr(tmp_path / "shard-000.zarr")
+    assert ds["features"].dims == ("video", "step", "height", "width", "channel")
+    assert ds["timestamps"].dims == ("video", "step") and ds["lengths"].dims == ("video",)
+    assert "video_id" in ds.coords and list(ds["video_id"].values) == ["a", "b", "c"]
+    np.testing.assert_array_equal(ds["features"].values, x.astype(np.float16))  # zeros stay zeros
+    assert np.isnan(ds["timestamps"].values[1]).all()
+    # vectors: (video, step, channel)
+    write_feature_shard(tmp_path / "aud" / "s.zarr", ["a"], _maps(1, shape=(8,)), dtype="float32")
+    assert xr.open_zarr(tmp_path / "aud" / "s.zarr")["features"].dims == ("video", "step", "channel")
+    # the directory-level dataset of the README
+    d = open_features(tmp_path, xarray=True)
+    assert d["features"].dims == ("video", "step", "height", "width", "channel")
+    assert list(d["video_id"].values) == ["a", "b", "c", "d"]
+    np.testing.assert_array_equal(d["features"].values, open_features(tmp_path).features.compute())
+    np.testing.assert_array_equal(d["features"].isel(video=[3, 0], step=slice(2, 5)).values,
+                                  open_features(tmp_path).read([3, 0])[:, 2:5])
+
+
+def _ragged_dir(tmp_path, monkeypatch):
+    """Three shards: T = 10, 6, 10; the first in chunks of 3 videos."""
+    monkeypatch.setattr(store, "CHUNK_TARGET_BYTES", 3 * 10 * 2 * 3 * 2)  # 3 rows of (10,2,3) f16
+    rng = np.random.default_rng(3)
+    rows = {f"v{i:02d}": rng.standard_normal((10 if i < 7 or i > 10 else 6, 2, 3)).astype(np.float16)
+            for i in range(12)}
+    ids = list(rows)
+    write_feature_shard(tmp_path / "shard-000.zarr", ids[:7], [rows[v] for v in ids[:7]])
+    write_feature_shard(tmp_path / "shard-001.zarr", ids[7:11], [rows[v] for v in ids[7:11]])
+    write_feature_shard(tmp_path / "shard-002.zarr", ids[11:], [rows[v] for v in ids[11:]])
+    assert zarr.open_group(str(tmp_path / "shard-000.zarr"))["features"].chunks[0] == 3
+    return rows
+
+
+def _expected(rows, ids):
+    out = np.zeros((len(ids), 10, 2, 3), np.float16)
+    for k, v in enumerate(ids):
+        out[k, : len(rows[v])] = rows[v]
+    return out
+
+
+@pytest.mark.parametrize("threads,direct", [(1, True), (4, True), (1, False), (4, False)])
+def test_read_fast_path_equals_dask_path(tmp_path, monkeypatch, threads, direct):
+    rows = _ragged_dir(tmp_path, monkeypatch)
+    monkeypatch.setattr(store, "READ_THREADS", threads)
+    # rows straight into place (visual maps) or whole chunks copied out (small audio rows)
+    monkeypatch.setattr(store, "DIRECT_ROW_BYTES", 0 if direct else 1 << 30)
+    # store order, then a permutation with duplicates (AVE samples share videos)
+    wanted = ["v05", "v00", "v09", "v05", "v11", "v02", "v07", "v01", "v05"]
+    for ids in (None, wanted):
+        fs = open_features(tmp_path, video_ids=ids)
+        exp = _expected(rows, list(fs.video_ids))
+        fast, lazy = fs.read(), fs.features.compute()
+        assert fast.dtype == lazy.dtype == np.float16 and fast.flags.c_contiguous
+        np.testing.assert_array_equal(fast, lazy)
+        np.testing.assert_array_equal(fast, exp)
+        # subsets: ints (in any order), a bool mask, a slice
+        for sel in ([4, 1, 1], fs.status == "ok", slice(1, None, 2), np.array([], int)):
+            np.testing.assert_array_equal(fs.read(sel), lazy[sel])
+    got = store.read_features(tmp_path, wanted)
+    assert isinstance(got.features, np.ndarray) and list(got.video_ids) == wanted
+    np.testing.assert_array_equal(got.features, _expected(rows, wanted))
+    sub = store.read_features(tmp_path, wanted, rows=[8, 0])
+    assert list(sub.video_ids) == ["v05", "v05"] and sub.features.shape == (2, 10, 2, 3)
+
+
+def test_read_compressed_and_float32_stores(tmp_path):
+    x = np.maximum(_maps(5, shape=(3, 3, 8)), 0)
+    write_feature_shard(tmp_path / "z" / "shard-000.zarr", list("abcde"), x, compression="blosc-lz4")
+    fs = open_features(tmp_path / "z", video_ids=list("ecae"))
+    np.testing.assert_array_equal(fs.read(), x.astype(np.float16)[[4, 2, 0, 4]])
+    a = _maps(4, shape=(128,))
+    write_feature_shard(tmp_path / "a" / "shard-000.zarr", list("abcd"), a, dtype="float32")
+    np.testing.assert_array_equal(open_features(tmp_path / "a").read([3, 0]), a[[3, 0]])
+
+
+def test_writer_removes_stale_temporaries_only_of_dead_processes(tmp_path, caplog):
+    import json as _json
+    import logging
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "shard-000.zarr"
+    dead = out.with_name(out.name + ".tmp-999999999")       # a killed job's leftovers
+    (dead / "features").mkdir(parents=True)
+    old = out.with_name(out.name + ".old-999999998")         # killed between the two renames
+    old.mkdir()
+    own = out.with_name(out.name + f".tmp-{os.getpid()}")    # an earlier failed write of this process
+    own.mkdir()
+    live_proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = out.with_name(out.name + f".tmp-{live_proc.pid}")
+        live.mkdir()
+        elsewhere = out.with_name(out.name + ".tmp-999999997")  # dead pid here, but another host's
+        elsewhere.mkdir()
+        (elsewhere / store.WRITER_MARK).write_text(_json.dumps({"host": socket.gethostname() + "-other",
+                                                                "pid": 999999997}))
+        unrelated = tmp_path / "shard-0001.zarr.tmp-1"          # another shard's temporary
+        unrelated.mkdir()
+        with caplog.at_level(logging.WARNING, logger="avepipe.store"):
+            write_feature_shard(out, ["a"], np.zeros((1, 10, 4)), dtype="float32")
+        assert not dead.exists() and not old.exists()
+        assert live.exists() and elsewhere.exists() and unrelated.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            ["shard-000.zarr", live.name, elsewhere.name, unrelated.name])
+        text = caplog.text
+        assert f"removed stale temporary {dead}" in text and f"removed stale temporary {old}" in text
+        assert f"leaving {live} alone" in text and f"on host {socket.gethostname()}-other" in text
+        assert not (out / store.WRITER_MARK).exists()  # the mark never reaches the finished store
+    finally:
+        live_proc.kill()
+        live_proc.wait()
