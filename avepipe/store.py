@@ -624,6 +624,11 @@ class FeatureSet:
     def __len__(self) -> int:
         return len(self.video_ids)
 
+    @property
+    def shape(self) -> tuple:
+        """(N, T, ...) of the features, without reading or building anything."""
+        return tuple(self.source.shape if self._features is None else self._features.shape)
+
     def __repr__(self) -> str:
         shape = self.source.shape if self._features is None else self._features.shape
         return f"FeatureSet({len(self)} videos, features {tuple(shape)}, shards {self.attrs.get('shards')})"

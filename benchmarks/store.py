@@ -10,7 +10,9 @@ rounds (the method order rotates every round), times from path to in-memory nump
 * ``h5``             h5py ``dset[...]`` of both files (the reference);
 * ``dask``           ``open_features(dir, video_ids=manifest).features.compute()``;
 * ``read``           ``open_features(dir, video_ids=manifest).read()`` (one preallocated array);
-* ``read_features``  ``read_features(dir, manifest ids)`` (what the heads' loader calls);
+* ``read_features``  ``read_features(dir, manifest ids)``;
+* ``heads_loader``   ``avepipe.training.ave_data.load_ave_data`` (the AVE heads' own loading: manifest and
+  both stores to tensors; one fast-path read per store);
 * ``xarray``         ``xarray.open_zarr(shard)["features"].values`` of every shard, concatenated;
 * ``xarray_nodask``  the same with ``open_zarr(shard, chunks=None)`` (no dask);
 * ``xarray_dir``     ``open_features(dir, xarray=True)["features"].values`` (store order);
@@ -131,6 +133,16 @@ def methods(root: Path, data: dict, before=None) -> dict:
     def read_features():
         return store.read_features(vis, ids).features, store.read_features(aud, ids).features
 
+    def heads_loader():
+        # what `avepipe train` runs for the AVE heads: manifest + both stores -> tensors per split
+        import pandas as pd
+
+        from avepipe.training.ave_data import load_ave_data
+
+        man = pd.DataFrame({"video_id": ids, "split": "train", "label": 0, "start": 0, "end": 10})
+        tr = load_ave_data(man, vis, aud).splits["train"]
+        return tr.visual.numpy(), tr.audio.numpy()
+
     def xarray():
         import xarray as xr
 
@@ -160,6 +172,7 @@ def methods(root: Path, data: dict, before=None) -> dict:
         found["read"] = read
     if hasattr(store, "read_features"):
         found["read_features"] = read_features
+    found["heads_loader"] = heads_loader
     found["xarray"] = xarray
     found["xarray_nodask"] = xarray_nodask
     found["xarray_dir"] = xarray_dir

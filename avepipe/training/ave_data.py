@@ -76,11 +76,8 @@ class DataMismatchError(ValueError):
 
 # --------------------------------------------------------------------------- reading
 def read_store(paths: str | os.PathLike | Sequence, video_ids: Sequence[str]):
-    """The one read of a feature store: a ``FeatureSet`` whose rows are ``video_ids``.
-
-    A store's whole feature set straight into one numpy array (the store's fast path) is a
-    change of this call only: ``_unpack`` / ``_materialise`` take numpy, dask or torch arrays.
-    """
+    """A feature store opened with rows ``video_ids`` (nothing read yet: ``load_ave_data``
+    reads what it keeps with the store's fast path, ``FeatureSet.read``, checksums checked)."""
     from avepipe.store import open_features
 
     return open_features(paths, video_ids=list(video_ids))
@@ -89,7 +86,8 @@ def read_store(paths: str | os.PathLike | Sequence, video_ids: Sequence[str]):
 def _unpack(fs, name: str, n_rows: int):
     """(features, video_ids|None, status|None, reason|None, lengths|None, attrs) of a FeatureSet or array."""
     if hasattr(fs, "features"):
-        feats = fs.features
+        # a store's FeatureSet stays itself: read later, once, with its fast path
+        feats = fs if hasattr(fs, "read") and hasattr(fs, "shape") else fs.features
         ids = None if getattr(fs, "video_ids", None) is None else np.asarray(fs.video_ids).astype(str)
         status = None if getattr(fs, "status", None) is None else np.asarray(fs.status).astype(str)
         reason = getattr(fs, "reason", None)
@@ -115,6 +113,20 @@ def _materialise(feats, rows: np.ndarray, dtype) -> torch.Tensor:
         if hasattr(sub, "compute"):
             sub = sub.compute()
         t = torch.from_numpy(np.ascontiguousarray(np.asarray(sub)))
+    return _cast(t, dtype)
+
+
+def _read_splits(feats, rows: dict[str, np.ndarray], dtype) -> dict[str, torch.Tensor]:
+    """The kept rows of every split as tensors. A store is read once, in split order, with its
+    fast path (chunk files straight into one array); the splits are views of that array."""
+    if not hasattr(feats, "read"):
+        return {s: _materialise(feats, r, dtype) for s, r in rows.items()}
+    whole = torch.from_numpy(feats.read(np.concatenate([rows[s] for s in SPLITS])))
+    parts = torch.split(whole, [len(rows[s]) for s in SPLITS])
+    return {s: _cast(p, dtype) for s, p in zip(SPLITS, parts)}
+
+
+def _cast(t: torch.Tensor, dtype) -> torch.Tensor:
     if dtype is not None:
         return t.to(dtype)
     return t.float() if t.dtype not in (torch.float16, torch.bfloat16, torch.float32) else t
@@ -188,13 +200,14 @@ def load_ave_data(manifest: pd.DataFrame, visual, audio, *, split_column: str = 
 
     seg, mask, video = ave_label_arrays(man, n_segments)
     sample = man["sample"].to_numpy() if "sample" in man.columns else np.arange(len(man))
+    rows = {s: np.flatnonzero((splits == s) & kept) for s in SPLITS}
+    vparts, aparts = _read_splits(vf, rows, dtype), _read_splits(af, rows, dtype)
     out: dict[str, SplitData] = {}
     for s in SPLITS:
-        rows = np.flatnonzero((splits == s) & kept)
         out[s] = SplitData(
-            visual=_materialise(vf, rows, dtype), audio=_materialise(af, rows, dtype),
-            segment_labels=torch.from_numpy(seg[rows]), event_mask=torch.from_numpy(mask[rows]),
-            video_label=torch.from_numpy(video[rows]), video_ids=list(ids[rows]), samples=sample[rows])
+            visual=vparts[s], audio=aparts[s],
+            segment_labels=torch.from_numpy(seg[rows[s]]), event_mask=torch.from_numpy(mask[rows[s]]),
+            video_label=torch.from_numpy(video[rows[s]]), video_ids=list(ids[rows[s]]), samples=sample[rows[s]])
     failed = [{"sample": int(sample[i]), "video_id": str(ids[i]), "split": str(splits[i]),
                "reason": str(reason[i])} for i in np.flatnonzero(~kept)]
     return AVEData(splits=out, visual_shape=tuple(int(x) for x in vf.shape[2:]), audio_dim=int(af.shape[2]),
