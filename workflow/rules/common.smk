@@ -59,7 +59,7 @@ if workflow.is_main_process and os.environ.get("AVEPIPE_PREFLIGHT", "1") != "0":
     _bad = []
     for _run, _cfg in RUNS.items():
         _found = preflight.run_checks(_cfg, profile=_profile, dry_run=_dry)
-        sys.stderr.write(preflight.report(_run, _found, verbose=False) + "\n")
+        print(preflight.report(_run, _found, verbose=False), file=sys.stderr)
         _bad += preflight.errors(_found)
     if _bad:
         _fail(f"preflight: {len(_bad)} problem(s) above; nothing was run (AVEPIPE_PREFLIGHT=0 skips the checks)")
@@ -233,7 +233,7 @@ def finetune_flags(w):
     cfg = C(w)
     trained = apcfg.trained_encoders(cfg)
     weights = {e: apcfg.encoder_settings(cfg, e)["weights"] for e in trained}
-    base = " ".join("--base-weights=" + shlex.quote(f"{e}={O._text(v)}") for e, v in weights.items()
+    base = " ".join(f"--base-weights={shlex.quote(f'{e}={O._text(v)}')}" for e, v in weights.items()
                     if v is not None)  # none: the encoder's official weights
     # the trained encoders' own options, so fine-tuning sees inputs as their extraction does
     own = O._text({e: apcfg.encoder_options(cfg, e) for e in trained})
