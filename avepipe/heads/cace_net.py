@@ -46,7 +46,7 @@ from . import dropout as D
 
 __all__ = ["CACENet", "TRAIN_DEFAULTS", "bece_contrast_loss"]
 
-# REFERENCE §3: README command of the released code (80.80% with VGG-19 + VGGish).
+# docs/reference.md §3: README command of the released code (80.80% with VGG-19 + VGGish).
 TRAIN_DEFAULTS = {
     "full": dict(
         optimizer="adam",

@@ -1,6 +1,6 @@
 """CCLN: Cross-modal Contrastive Learning Network (Sun et al., "Listen With Seeing", IEEE TMM 2025).
 
-No public code exists (REFERENCE §4); this follows the paper (seed 003). Structure:
+No public code exists (docs/reference.md §5); this follows the paper (seed 003). Structure:
 
 * Fusion stage (eq. 1-3): audio-guided visual attention (AGVA, Tian et al. 2018) over the
   spatial map, then per-modality BiLSTM and self-attention -> v^F, a^F (B,T,d).

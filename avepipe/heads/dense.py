@@ -1,6 +1,6 @@
 """Dense audio-visual event localization head for UnAV-100 (Geng et al., CVPR 2023).
 
-The UnAV baseline's design (REFERENCE §7), ActionFormer-style: per-modality embeddings,
+The UnAV baseline's design (docs/reference.md §8), ActionFormer-style: per-modality embeddings,
 a multi-scale temporal pyramid whose levels run a transformer block per modality followed
 by cross-modal attention, and at every level a classification head (sigmoid focal loss)
 and a class-aware boundary-regression head (DIoU loss). CACE-Net's modules are switches
@@ -297,7 +297,7 @@ def bece_contrast(model, fused, cls_t, mask):
 
 def soft_nms(segs, scores, labels, sigma=0.4, iou_threshold=0.7, max_segments=100, min_score=0.001,
              method="gaussian"):
-    """Soft-NMS per class (the UnAV baseline's ``batched_nms``, multiclass, REFERENCE §7):
+    """Soft-NMS per class (the UnAV baseline's ``batched_nms``, multiclass, docs/reference.md §8):
     repeatedly keep a class's best segment and decay that class's others by
     exp(-IoU^2 / sigma) ("gaussian") or by (1 - IoU) above ``iou_threshold`` ("linear");
     segments decayed below ``min_score`` are discarded; the ``max_segments`` best kept

@@ -9,7 +9,7 @@ from avepipe.heads.cace_net import TRAIN_DEFAULTS, CACENet, bece_contrast_loss
 
 torch.set_num_threads(1)
 
-# REFERENCE §3: parameters of Brain-Cog-Lab/CACE-Net supv_main_model (VGG-19 512 maps +
+# docs/reference.md §3: parameters of Brain-Cog-Lab/CACE-Net supv_main_model (VGG-19 512 maps +
 # VGGish 128) that receive a gradient. The no-guide and visual-only-guide values were
 # measured the same way on the reference code (built with guide "None" / "Visual-Guide").
 REF_USED_CO = 9_283_417

@@ -1,4 +1,4 @@
-"""Tests for the CCLN head (seed 003, REFERENCE §4): shapes, per-equation hand checks, losses."""
+"""Tests for the CCLN head (seed 003, docs/reference.md §5): shapes, per-equation hand checks, losses."""
 from __future__ import annotations
 
 import math

@@ -103,7 +103,7 @@ def test_slurm_profile_resources_per_rule(slurm_jobs):
             assert threads == int(want["cpus_per_task"]), (rule, threads)
         else:
             assert "gpu" not in res and "gres" not in res, (rule, res)
-        # the plugin builds --gpus itself; hand-written --gres/--gpus would clash (REFERENCE §8)
+        # the plugin builds --gpus itself; hand-written --gres/--gpus would clash (docs/reference.md §10)
         assert not re.search(r"--(gres|gpus|mem|time)", res.get("slurm_extra", "")), rule
 
 
