@@ -4,6 +4,9 @@ Each stage's options come from its dataclass in avepipe/options.py (flags, defau
 stage modules are imported only by the command that runs, so `avepipe --help` and the light
 stages start fast. Errors a user can fix (config, dataset, weights, damaged stores, missing
 files) print one line naming what is wrong; `AVEPIPE_DEBUG=1` shows the traceback.
+
+Why one long module: the table of subcommands, one short function pair per stage;
+splitting it would scatter what `avepipe --help` shows in one place.
 """
 from __future__ import annotations
 

@@ -23,6 +23,9 @@ Reading: ``FeatureSet.read(rows)`` and ``read_features`` read the chunk files st
 one preallocated array (one copy from the page cache, CRC-32C checked on the way, chunks in
 parallel threads): the fast path (benchmarks/store.py). ``FeatureSet.features`` is the same
 reader behind dask, for lazy and out-of-core work.
+
+Why one long module: the on-disk layout, its writer and its readers (direct chunk reads,
+dask, xarray) must change together; a chunking or codec change touches all of them.
 """
 from __future__ import annotations
 

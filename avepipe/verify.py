@@ -17,6 +17,9 @@ Readers verify the checksum of every chunk they read (the codec, or ``avepipe.st
 direct reader), so flipped bytes fail the read. Each problem is one line naming store,
 array, chunk and file; ``StoreDamagedError`` carries exactly those lines, so training,
 fine-tuning and export refuse a damaged store with the message ``avepipe verify`` prints.
+
+Why one long module: every check of every kind of store (feature, decoded) and the
+readers that refuse damage share the same chunk and codec arithmetic.
 """
 from __future__ import annotations
 

@@ -33,6 +33,9 @@ the published 80.8; the option named restores the printed reading where one exis
   is added to its input and layer-normalised (released code). No option.
 - eq. 7: evaluated with log-sum-exp instead of a direct ``exp(cos / 0.01)``: the same
   function (the reference trains in float64; in float32 the direct form overflows).
+
+Why one long module: one model per file (co-guidance attention, relation modules, gates,
+BECE and the losses of eq. 10-12).
 """
 from __future__ import annotations
 

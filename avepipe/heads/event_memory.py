@@ -46,6 +46,9 @@ Where the default keeps the printed reading and the released code differs:
 - Background-only videos (the weak setting's extra videos) are neither stored in the bank nor
   given a class in eq. 11, 17, 6-7, 18; the released weak code files them under class 0 (the
   argmax of an all-zero label row). No option.
+
+Why one long module: one model per file; Ge et al.'s model (fusion encoder, memory
+bank with its two update rules, prototypes, losses, double-branch inference) is this size.
 """
 from __future__ import annotations
 
