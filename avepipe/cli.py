@@ -23,7 +23,7 @@ log = logging.getLogger("avepipe")
 
 # Exceptions that describe a problem with the user's input rather than a bug: one line, exit 2.
 USER_ERRORS = {"ConfigError", "DatasetError", "WeightsError", "DataMismatchError", "StoreDamagedError",
-               "MediaError", "PreflightError", "TestSplitError", "ImportH5Error",
+               "MediaError", "PreflightError", "TestSplitError", "H5ImportError", "EncoderOptionError",
                "FileNotFoundError", "NotADirectoryError", "IsADirectoryError", "PermissionError"}
 
 
