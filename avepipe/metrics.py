@@ -173,33 +173,29 @@ def interpolated_ap(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
     return ((mrec[:, 1:] - mrec[:, :-1]) * env[:, 1:]).sum(1)
 
 
+def _sift_down(v: list, idx: list, o: int, i: int, n: int) -> None:
+    """Move heap item ``i`` (1-based, ``a[k] = idx[o + k]``) down a heap of ``n`` items."""
+    tmp = idx[o + i]
+    vt, j = v[tmp], i << 1
+    while j <= n:
+        if j < n and v[idx[o + j]] < v[idx[o + j + 1]]:
+            j += 1
+        if not vt < v[idx[o + j]]:
+            break
+        idx[o + i] = idx[o + j]
+        i, j = j, j + j
+    idx[o + i] = tmp
+
+
 def _heapsort(v: list, idx: list, lo: int, n: int) -> None:
     """numpy's ``aheapsort`` on ``idx[lo:lo+n]`` (1-based heap: a[k] = idx[lo + k - 1])."""
     o = lo - 1
-    for l in range(n >> 1, 0, -1):
-        tmp = idx[o + l]
-        vt, i, j = v[tmp], l, l << 1
-        while j <= n:
-            if j < n and v[idx[o + j]] < v[idx[o + j + 1]]:
-                j += 1
-            if not vt < v[idx[o + j]]:
-                break
-            idx[o + i] = idx[o + j]
-            i, j = j, j + j
-        idx[o + i] = tmp
+    for i in range(n >> 1, 0, -1):
+        _sift_down(v, idx, o, i, n)
     while n > 1:
-        tmp = idx[o + n]
-        idx[o + n] = idx[o + 1]
+        idx[o + 1], idx[o + n] = idx[o + n], idx[o + 1]
         n -= 1
-        vt, i, j = v[tmp], 1, 2
-        while j <= n:
-            if j < n and v[idx[o + j]] < v[idx[o + j + 1]]:
-                j += 1
-            if not vt < v[idx[o + j]]:
-                break
-            idx[o + i] = idx[o + j]
-            i, j = j, j + j
-        idx[o + i] = tmp
+        _sift_down(v, idx, o, 1, n)
 
 
 def reference_argsort(values) -> np.ndarray:

@@ -16,6 +16,8 @@ from avepipe.training import ave_data as AD
 from avepipe.training.ave import train_ave
 from avepipe.training.schedule import make_optimizer
 
+from .interrupt import Killed, kill_after
+
 torch.set_num_threads(1)
 T = 10
 
@@ -118,21 +120,10 @@ def test_deterministic_on_cpu(data, tmp_path):
     assert any(not torch.equal(w1[k], w3[k]) for k in w1)
 
 
-class Killed(Exception):
-    pass
-
-
-def _kill_after(n):
-    def kill(epoch, rec):
-        if epoch == n:
-            raise Killed
-    return kill
-
-
 def test_resume_after_kill_equals_uninterrupted(data, tmp_path):
     full = _run(data, tmp_path / "full", epochs=4)
     with pytest.raises(Killed):
-        _run(data, tmp_path / "killed", epochs=4, on_epoch_end=_kill_after(2))
+        _run(data, tmp_path / "killed", epochs=4, on_epoch_end=kill_after(2))
     ck = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] == 2 and not (tmp_path / "killed" / "metrics.json").exists()
     # a kill between the log line and the checkpoint leaves a line for an epoch never saved
@@ -422,7 +413,7 @@ def test_bf16_trains_deterministically_and_resumes_exactly(data, tmp_path, monke
     _run(data, tmp_path / "b", **kw)
     _assert_same_state(_weights(tmp_path / "a" / "checkpoint.pt"), _weights(tmp_path / "b" / "checkpoint.pt"))
     with pytest.raises(Killed):
-        _run(data, tmp_path / "k", on_epoch_end=_kill_after(1), **kw)
+        _run(data, tmp_path / "k", on_epoch_end=kill_after(1), **kw)
     resumed = _run(data, tmp_path / "k", **kw)
     _assert_same_state(_weights(tmp_path / "a" / "checkpoint.pt"), _weights(tmp_path / "k" / "checkpoint.pt"))
     assert resumed["accuracy"] == r1["accuracy"]

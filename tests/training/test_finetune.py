@@ -25,6 +25,8 @@ from avepipe.training.contrastive import ContrastiveModel, info_nce
 from avepipe.training.finetune_data import batch_frames, load_finetune_data, select_videos
 from training.finetune_cases import decoded_set
 
+from .interrupt import Killed, kill_after
+
 torch.set_num_threads(1)
 
 N_SEG = 1  # one second per video keeps a ResNet-50 step cheap on CPU
@@ -222,15 +224,6 @@ def test_weights_load_through_extraction_path(run2, data):
 
 
 # --------------------------------------------------------------------------- reproducibility
-class Killed(Exception):
-    pass
-
-
-def _kill_after(n):
-    def kill(epoch, rec):
-        if epoch == n:
-            raise Killed
-    return kill
 
 
 @pytest.mark.slow
@@ -243,7 +236,7 @@ def test_same_seed_same_weights_and_resume(run2, data, tmp_path):
     # a 2-epoch run killed after epoch 1, run again: equals the uninterrupted 2-epoch run
     k = tmp_path / "k"
     with pytest.raises(Killed):
-        _run(data, k, epochs=2, on_epoch_end=_kill_after(1))
+        _run(data, k, epochs=2, on_epoch_end=kill_after(1))
     assert not (k / "weights.pth").exists()
     res = _run(data, k, epochs=2)
     assert [h["epoch"] for h in res["history"]] == [1, 2]

@@ -28,6 +28,8 @@ from avepipe.extract import audio_chunks, extract_shard
 from avepipe.store import open_features, write_feature_shard
 from training.finetune_cases import decoded_set
 
+from .interrupt import Killed, kill_after
+
 torch.set_num_threads(1)
 
 N_SEG = 2
@@ -335,17 +337,6 @@ def test_audio_loss_goes_down(data, vggish_scaled, tmp_path):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-class Killed(Exception):
-    pass
-
-
-def _kill_after(n):
-    def kill(epoch, rec):
-        if epoch == n:
-            raise Killed
-    return kill
-
-
 @pytest.mark.slow
 def test_audio_same_seed_same_weights_and_resume(vggish_run, data, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
@@ -355,7 +346,7 @@ def test_audio_same_seed_same_weights_and_resume(vggish_run, data, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     k = tmp_path / "k"
     with pytest.raises(Killed):
-        _audio(data, k, epochs=2, on_epoch_end=_kill_after(1))
+        _audio(data, k, epochs=2, on_epoch_end=kill_after(1))
     res = _audio(data, k, epochs=2)  # resumes from the epoch-1 checkpoint
     w2, wr = _weights(vggish_run["out"] / "weights.pth"), _weights(k / "weights.pth")
     assert not [key for key in w2 if not torch.equal(w2[key], wr[key])]
@@ -370,7 +361,7 @@ def test_both_same_seed_same_weights_and_resume(data, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     r2 = _both(data, full, epochs=2)
     with pytest.raises(Killed):
-        _both(data, part, epochs=2, on_epoch_end=_kill_after(1))
+        _both(data, part, epochs=2, on_epoch_end=kill_after(1))
     rr = _both(data, part, epochs=2)  # resumed
     for enc in ("resnet50", "vggish"):
         a, b = _weights(full / f"{enc}.pth"), _weights(part / f"{enc}.pth")
