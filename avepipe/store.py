@@ -66,7 +66,7 @@ READ_THREADS = max(4, min(8, os.cpu_count() or 1))
 # would cost a read call each, so their chunk is read whole and copied out in one go
 DIRECT_ROW_BYTES = 64 << 10
 # zarr's default of 10 concurrent chunk reads costs more than it gains on a local disk with
-# few cores (a full read ~2x faster at 2); ZARR_ASYNC__CONCURRENCY overrides. Only reads that
+# few cores (benchmarks/store.py); ZARR_ASYNC__CONCURRENCY overrides. Only reads that
 # go through zarr use it (metadata arrays, compressed stores, xarray.open_zarr).
 if "ZARR_ASYNC__CONCURRENCY" not in os.environ:
     zarr.config.set({"async.concurrency": 2})

@@ -1,10 +1,10 @@
 """Dropout for the heads' large activation maps: fast CPU masks, at most 1 byte per element kept.
 
 Why not ``nn.Dropout``: on CPU, torch draws dropout masks with one serial Mersenne-Twister
-stream (``bernoulli_``, ~180 ms for one (640, 49, 512) map on this 2-core machine); in CACE-Net
-and Ge et al. those draws were 18-31% of a training step. Here a CPU mask comes from numpy's
-PCG64 raw bits, in fixed 2^20-element blocks that each get their own stream (spawned from one
-seed), filled on a thread pool: ~20 ms per map, and the same mask whatever the thread count.
+stream (``bernoulli_``); in CACE-Net and Ge et al. those draws were a fifth to a third of a
+training step (benchmarks/README.md). Here a CPU mask comes from numpy's PCG64 raw bits, in
+fixed 2^20-element blocks that each get their own stream (spawned from one seed), filled on
+a thread pool: several times faster, and the same mask whatever the thread count.
 The seed is drawn from torch's default generator, so ``torch.manual_seed`` and a checkpoint's
 saved torch RNG state fix every mask (exact resume). On CUDA torch's own Philox draw is used.
 

@@ -102,7 +102,7 @@ class _Attention(nn.Module):
         mask = None if key_mask is None else key_mask[:, None, None, :]
         if self.training and self.p > 0:
             # SDPA would draw its attention-dropout mask with torch's serial CPU bernoulli
-            # (~150 ms per step on the spatial maps); same math, avepipe's masks
+            # (a large share of a step on the spatial maps); same math, avepipe's masks
             att = torch.matmul(sh(q), sh(k).transpose(-1, -2)).mul_(1.0 / math.sqrt(d // self.h))
             if mask is not None:
                 att = att.masked_fill(~mask, _NEG)   # every row keeps >= 1 key (filled slots)
