@@ -49,6 +49,8 @@ def test_report_has_every_stage_with_captions(request, tmp_path):
             *(f"{r}/features/{e}/summary.json" for e in ("resnet50", "resnet50_ft", "vggish")),
             f"{r}/finetune/resnet50/loss.png", f"{r}/finetune/resnet50/provenance.json",
             f"{r}/summary.md", f"{r}/plots/learning_curves.png",
+            f"{r}/plots/per_class_avel_resnet50_ft-vggish_full_seed0.png",
+            f"{r}/plots/learning_curve_avel_resnet50_ft-vggish_full_seed0.png",
             f"{r}/heads/avel/resnet50_ft+vggish/full/seed0/metrics.json"]
     missing = [p for p in want if p not in results]
     assert not missing, (missing, sorted(results))
