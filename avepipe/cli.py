@@ -230,7 +230,7 @@ def cmd_decode(a) -> int:
     rows = index[index["shard"] == int(a.shard)]
     status = decode_shard(rows, Path(a.out), n_segments=opts.n_segments, audio_rates=a.rates,
                           sample_frames_per_segment=opts.sample_frames_per_segment, seed=a.seed,
-                          on_error=a.on_error)
+                          on_error=a.on_error, threads=opts.threads)
     n_bad = int((status["status"] != "ok").sum())
     print(f"shard {a.shard}: {len(status)} videos, {n_bad} failed -> {a.out}")
     return 0
@@ -268,6 +268,8 @@ def args_extract(s):
                    help="the encoder's own option (e.g. preprocessing=ave, pooled=true); repeatable")
     s.add_argument("--window", type=float, help="UnAV-100: feature window (s)")
     s.add_argument("--hop", type=float, help="UnAV-100: window hop (s)")
+    s.add_argument("--frames", help="the shard's frames store (shared decoding; videos it lacks are decoded here)")
+    s.add_argument("--stats", help="write the data-path timings (JSON) here")
     s.add_argument("--out", required=True, help="feature shard store to write")
 
 
@@ -282,7 +284,33 @@ def cmd_extract(a) -> int:
     extract_shard(Path(a.decoded), index, a.encoder, opts.weights, Path(a.out),
                   frames_per_segment=opts.frames_per_segment, batch_size=opts.batch_size,
                   num_workers=opts.num_workers, device=opts.device, dtype=opts.dtype,
-                  window=a.window, hop=a.hop, config=_config_of(a), **_kv(a.opt, "--opt"))
+                  window=a.window, hop=a.hop, config=_config_of(a), frames=a.frames, stats=a.stats,
+                  resize_on=opts.resize_on, fuse=opts.fuse, **_kv(a.opt, "--opt"))
+    return 0
+
+
+def args_frames(s):
+    s.add_argument("--decoded", help="decoded shard store (video ids, n_segments, status)")
+    s.add_argument("--index", help="index.parquet (video paths)")
+    s.add_argument("--readers", nargs="+", metavar="JSON",
+                   help="one file per visual store that reads this frames store (frames/readers/<enc>.json)")
+    s.add_argument("--workers", type=int, help="decoding processes (default: the cores this process may use)")
+    s.add_argument("--out", help="frames store to write")
+    s.add_argument("--empty", metavar="STORE",
+                   help="instead: remove the frame data of STORE (every reader has finished), keep the folder")
+
+
+def cmd_frames(a) -> int:
+    from avepipe import frames
+
+    if a.empty:
+        frames.empty_frames_store(a.empty)
+        print(f"emptied {a.empty}")
+        return 0
+    missing = [f"--{k}" for k in ("decoded", "index", "readers", "out") if not getattr(a, k)]
+    if missing:
+        raise SystemExit(f"avepipe frames: {', '.join(missing)} required (or --empty STORE)")
+    frames.run(a.decoded, a.index, a.readers, a.out, workers=a.workers)
     return 0
 
 
@@ -442,6 +470,8 @@ COMMANDS = {
     "index": ("build the sample index (one row per sample, shard assigned)", args_index, cmd_index),
     "decode": ("decode one shard of videos (audio per rate, frame sample)", args_decode, cmd_decode),
     "decode-report": ("merge decoded shards into the manifest and report", args_decode_report, cmd_decode_report),
+    "frames": ("decode a shard once for several visual encoders (frames store), or empty one",
+               args_frames, cmd_frames),
     "extract": ("extract one encoder's features for one decoded shard", args_extract, cmd_extract),
     "inspect": ("print shape, dtype, chunks, provenance and failed videos of stores", args_inspect, cmd_inspect),
     "verify": ("read every chunk of stores; exit 1 naming each damaged store, array and chunk",

@@ -41,16 +41,17 @@ import logging
 import math
 import os
 import shutil
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import zarr
-from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from avepipe import media
+from avepipe.progress import Progress
 from avepipe.provenance import provenance
 from avepipe.store import ARRAY_CONFIG, codecs, finish_store, mark_writer, remove_stale_temporaries
 from avepipe.verify import open_checked, read_checked
@@ -131,10 +132,10 @@ def _plan(video_id: str, rows: pd.DataFrame, n_segments: int | None) -> dict:
     return item
 
 
-def _decode_one(item: dict, audio_rates: list[int], k: int, seed: int) -> tuple[np.ndarray, dict]:
+def _decode_one(item: dict, audio_rates: list[int], k: int, seed: int, threads: int = 0) -> tuple[np.ndarray, dict]:
     n = item["n_segments"]
     times = sample_times(n, k, _video_seed(seed, item["video_id"]))
-    dec = media.decode(item["path"], times=times, size=FRAME_SIZE, rates=audio_rates)
+    dec = media.decode(item["path"], times=times, size=FRAME_SIZE, rates=audio_rates, threads=threads)
     span, warn = item["span"], item["warnings"]
     if dec.video_end is not None and dec.video_end < span - TOLERANCE_S:
         warn.append(f"video shorter than annotation ({dec.video_end:.2f} s < {span:.2f} s): "
@@ -184,14 +185,36 @@ def open_decoded(shard: str | Path, arrays: list[str] | None = None) -> zarr.Gro
     return open_checked(shard, arrays)
 
 
+def _decode_job(item: dict, audio_rates: list[int], k: int, seed: int, ffmpeg_threads: int):
+    """(frames, audio), None -- or None, the exception (raised in the caller, in video order)."""
+    try:
+        return _decode_one(item, audio_rates, k, seed, ffmpeg_threads), None
+    except Exception as exc:  # noqa: BLE001 - sorted out by the caller
+        return None, exc
+
+
+class _NoProgress:
+    def update(self, n: int = 1, **_) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 def decode_shard(rows: pd.DataFrame, out: str | Path, *, n_segments: int | None, audio_rates: list[int],
                  sample_frames_per_segment: int = 1, seed: int = 0, on_error: str = "skip",
-                 progress: bool = True) -> pd.DataFrame:
+                 progress: bool = True, threads: int = 0) -> pd.DataFrame:
     """Decode the videos of ``rows`` (index rows of one shard) into the Zarr store ``out``.
 
     Returns the per-video status table (video_id, path, status, reason, warnings,
     n_segments and the probe facts). ``on_error="fail"`` raises MediaError on the
     first bad video instead of marking it failed; no partial store is left.
+    ``threads`` (decode.threads): videos decoded at once, one FFmpeg thread each; 0: one
+    video at a time on FFmpeg's own threads. The store is the same either way (a file cut
+    short fails either way; the wording of its reason can differ).
     """
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', not {on_error!r}")
@@ -207,8 +230,12 @@ def decode_shard(rows: pd.DataFrame, out: str | Path, *, n_segments: int | None,
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
 
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0, got {threads}")
+    workers, ffmpeg_threads = (int(threads), 1) if threads >= 1 else (1, 0)
     groups = {vid: g for vid, g in rows.groupby("video_id", sort=True)}
-    plans = [_plan(str(vid), g, n_segments) for vid, g in groups.items()]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode-probe") as pool:
+        plans = list(pool.map(lambda vg: _plan(str(vg[0]), vg[1], n_segments), groups.items()))
     for item in plans:
         if item["status"] == "failed" and on_error == "fail":
             raise media.MediaError(item["path"], item["reason"])
@@ -230,27 +257,45 @@ def decode_shard(rows: pd.DataFrame, out: str | Path, *, n_segments: int | None,
                                        compressors=FRAME_COMPRESSORS, config=ARRAY_CONFIG,
                                        dimension_names=FRAME_DIMS)
         written = np.zeros(n, bool)
-        # Rows are written by a background thread while the next video decodes
-        # (compression and I/O release the GIL); one row in flight bounds memory.
+        # `workers` videos decode at once (PyAV releases the GIL while decoding); rows are
+        # written in video order by a background thread (compression and I/O release the
+        # GIL too). At most workers + 1 decoded videos wait, so memory does not grow with n.
+        todo = iter([i for i, p in enumerate(plans) if p["status"] == "ok"])
+        window: deque = deque()
         pending = None
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-write") as writer:
-            for i, item in enumerate(tqdm(plans, desc=f"decode {out.name}", unit="video",
-                                          disable=not progress)):
-                if item["status"] != "ok":
-                    continue
-                try:
-                    frames, audio = _decode_one(item, audio_rates, k, seed)
-                except media.MediaError as exc:
+        bar = (Progress(sum(p["status"] == "ok" for p in plans), desc=f"decode {out.name}", unit="video",
+                        logger=log) if progress else _NoProgress())
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-write") as writer, bar:
+            def submit() -> None:
+                i = next(todo, None)
+                if i is not None:
+                    window.append((i, pool.submit(_decode_job, plans[i], audio_rates, k, seed, ffmpeg_threads)))
+
+            for _ in range(workers + 1):
+                submit()
+            while window:
+                i, future = window.popleft()
+                result, exc = future.result()
+                submit()
+                bar.update(1)
+                item = plans[i]
+                if isinstance(exc, media.MediaError):
                     if on_error == "fail":
-                        raise
+                        for _, f in window:
+                            f.cancel()
+                        raise exc
                     item.update(status="failed", reason=exc.reason, n_segments=0)
                     continue
-                except Exception as exc:  # a decoder surprise must not sink the other videos
+                if exc is not None:  # a decoder surprise must not sink the other videos
                     if on_error == "fail":
+                        for _, f in window:
+                            f.cancel()
                         raise media.MediaError(item["path"], f"unexpected error: {exc!r}") from exc
-                    log.exception("decoding %s", item["path"])
+                    log.error("decoding %s", item["path"], exc_info=exc)
                     item.update(status="failed", reason=f"unexpected error: {exc!r}", n_segments=0)
                     continue
+                frames, audio = result
                 if pending is not None:
                     pending.result()
                 pending = writer.submit(_write_row, frames_arr, audio_arrays, i, frames, audio)

@@ -204,9 +204,11 @@ class Decoded:
 
 
 def decode(path: str | Path, times: np.ndarray | None = None, size: tuple[int, int] | None = None,
-           rates: list[int] | None = None) -> Decoded:
+           rates: list[int] | None = None, threads: int = 0) -> Decoded:
     """One sequential demux/decode pass over the video (if ``times``) and audio (if ``rates``).
 
+    ``threads``: FFmpeg video decoder threads (0 = FFmpeg's default, one per core; the decode
+    stage decodes several videos at once with one thread each, which costs less CPU).
     Raises MediaError when a needed stream is absent, nothing decodes, or the
     decoder fails. Decoding of video stops being done once every time is settled.
     """
@@ -226,6 +228,8 @@ def decode(path: str | Path, times: np.ndarray | None = None, size: tuple[int, i
         if want_video:
             vs = container.streams.video[0]
             vs.thread_type = "AUTO"
+            if threads:
+                vs.codec_context.thread_count = int(threads)
             streams.append(vs)
             selector = _FrameSelector(times, size)
         if want_audio:
@@ -449,3 +453,182 @@ def read_frames_by_index(path: str | Path, indices: np.ndarray,
         h, w = size if size is not None else (0, 0)
         out = np.empty((0, h, w, 3), dtype=np.uint8)
     return out
+
+
+# --------------------------------------------------------------------------- several selections, one pass
+@dataclass
+class Selection:
+    """The frames one request picked: ``frames`` holds each chosen frame once (in decode
+    order, after the request's ``transform``), ``take`` maps the request's positions onto it:
+    the request's frame j is ``frames[take[j]]``."""
+
+    frames: np.ndarray   # (U, H, W, 3) uint8 (or whatever the transform returns, stacked)
+    take: np.ndarray     # (len(request),) int64 into frames
+    positions: np.ndarray  # (U,) int64: decode position (0 = first frame returned) of each frame
+
+
+class _Request:
+    """One request's bookkeeping: which decode positions it wants and where they go."""
+
+    def __init__(self, transform, chunk: int):
+        self.transform, self.chunk = transform, chunk
+        self.slot: dict[int, int] = {}   # decode position -> row in frames
+        self.take: np.ndarray | None = None
+        self.pending: list[np.ndarray] = []  # RGB frames not yet transformed
+        self.done: list[np.ndarray] = []
+
+    def want(self, pos: int, rgb) -> int:
+        row = self.slot.get(pos)
+        if row is None:
+            row = self.slot[pos] = len(self.slot)
+            self.pending.append(rgb())
+            if len(self.pending) >= self.chunk:
+                self.flush()
+        return row
+
+    def flush(self) -> None:
+        if self.pending:
+            block = np.stack(self.pending)
+            self.pending = []
+            self.done.append(block if self.transform is None else np.asarray(self.transform(block)))
+
+    def result(self) -> Selection:
+        self.flush()
+        frames = np.concatenate(self.done) if self.done else np.empty((0, 0, 0, 3), np.uint8)
+        positions = np.array(sorted(self.slot, key=self.slot.get), dtype=np.int64)
+        return Selection(frames, self.take, positions)
+
+
+def select_frames(path: str | Path, *, times: dict[str, np.ndarray] | None = None,
+                  index_plans: dict | None = None, transforms: dict | None = None,
+                  threads: int = 0, chunk: int = 16) -> dict[str, Selection]:
+    """Several frame selections of one video in ONE decoding pass (the extraction stage's
+    frame source; :func:`read_frames` and :func:`read_frames_by_index` pick the same frames).
+
+    ``times``: name -> presentation times (s); each time gets the frame shown then (the
+    rules of :func:`read_frames`). ``index_plans``: name -> ``plan(n)``, the decode positions
+    wanted when the video decodes to ``n`` frames (e.g. the AVE script's grid). The pass
+    uses the count the container declares; it counts the frames it decodes and, when the
+    plan for the true count differs, reads those requests again with a second pass (a
+    declared count is wrong only for odd files). ``transforms``: name -> function applied to
+    stacked RGB frames (N, H, W, 3) uint8 (in blocks of ``chunk``), e.g. a resize to 224x224:
+    each chosen frame is converted to RGB once, however many requests want it.
+    ``threads``: FFmpeg decoder threads (0 = FFmpeg's default, one per core).
+
+    Raises MediaError naming the file (missing, unreadable, no video stream, nothing
+    decodable, decoder failure, an index past the last frame).
+    """
+    times = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in (times or {}).items()}
+    index_plans = dict(index_plans or {})
+    transforms = dict(transforms or {})
+    if set(times) & set(index_plans):
+        raise ValueError(f"{path}: a request name is used for both times and indices: {set(times) & set(index_plans)}")
+    for k, t in times.items():
+        if not np.isfinite(t).all():
+            raise ValueError(f"{path}: frame times of {k!r} must be finite")
+    reqs = {k: _Request(transforms.get(k), chunk) for k in [*times, *index_plans]}
+    with _open(path) as container:
+        if not container.streams.video:
+            raise MediaError(path, "no video stream")
+        vs = container.streams.video[0]
+        declared = int(vs.frames or 0)
+        wanted = {k: _plan_positions(path, plan, declared) for k, plan in index_plans.items()}
+        n = _select_pass(path, container, vs, reqs, times, wanted, threads,
+                         stop_early=not index_plans)
+    redo = {}
+    for k, plan in index_plans.items():
+        true = _plan_positions(path, plan, n, strict=True)
+        if wanted[k] is None or not np.array_equal(true, wanted[k]):
+            redo[k] = true
+    if redo:  # the declared count was wrong: those requests again with the true plan
+        again = {k: _Request(transforms.get(k), chunk) for k in redo}
+        with _open(path) as container:
+            _select_pass(path, container, container.streams.video[0], again, {}, redo, threads, stop_early=True)
+        reqs.update(again)
+    return {k: r.result() for k, r in reqs.items()}
+
+
+def _plan_positions(path, plan, n: int, strict: bool = False) -> np.ndarray | None:
+    """``plan(n)`` as int64, or None when ``n`` is unknown (0) and not ``strict``."""
+    if n < 1:
+        if strict:
+            raise MediaError(path, "no decodable video frames")
+        return None
+    idx = np.asarray(plan(n), dtype=np.int64).reshape(-1)
+    if len(idx) and idx.min() < 0:
+        raise ValueError(f"{path}: frame indices must be >= 0, got {int(idx.min())}")
+    if strict and len(idx) and idx.max() >= n:
+        raise MediaError(path, f"frame index {int(idx.max())} requested but the video decodes to {n} frames")
+    return idx
+
+
+def _select_pass(path, container, vs, reqs: dict[str, _Request], times: dict[str, np.ndarray],
+                 wanted: dict[str, np.ndarray | None], threads: int, stop_early: bool) -> int:
+    """Decode ``vs`` once, filling ``reqs`` (times by presentation time, ``wanted`` by decode
+    position); returns the number of frames decoded (all of them unless ``stop_early``)."""
+    vs.codec_context.thread_type = "AUTO"
+    if threads:
+        vs.codec_context.thread_count = int(threads)
+    tnum, tden = vs.time_base.numerator, vs.time_base.denominator
+    rate = vs.average_rate or vs.guessed_rate or vs.base_rate
+    period = 1.0 / float(rate) if rate else 0.04
+    order = {k: np.argsort(t, kind="stable") for k, t in times.items()}
+    tpos = dict.fromkeys(times, 0)
+    for k, t in times.items():
+        reqs[k].take = np.zeros(len(t), np.int64)
+    by_pos: dict[int, list[tuple[str, np.ndarray]]] = {}
+    for k, idx in wanted.items():
+        if idx is None:
+            continue
+        reqs[k].take = np.zeros(len(idx), np.int64)
+        for pos in np.unique(idx):
+            by_pos.setdefault(int(pos), []).append((k, np.flatnonzero(idx == pos)))
+    last_wanted = max(by_pos, default=-1)
+    reformatter = VideoReformatter()
+    size: tuple[int, int] | None = None
+    cache: dict[int, np.ndarray] = {}
+
+    def rgb_of(pos: int, frame):
+        def get():
+            nonlocal size
+            if pos not in cache:
+                cache.clear()  # frames arrive in order: only the newest two are ever asked for
+                h, w = size or (frame.height, frame.width)  # keep one shape if the stream changes size
+                size = (h, w)
+                cache[pos] = reformatter.reformat(frame, width=w, height=h, format="rgb24",
+                                                  interpolation=FRAME_INTERPOLATION).to_ndarray()
+            return cache[pos]
+        return get
+
+    def settle(pos: int, frame, until: float | None) -> None:
+        """Times before ``until`` (all, if None) get frame ``pos``."""
+        for k, t in times.items():
+            o, i = order[k], tpos[k]
+            while i < len(t) and (until is None or t[o[i]] < until):
+                reqs[k].take[o[i]] = reqs[k].want(pos, rgb_of(pos, frame))
+                i += 1
+            tpos[k] = i
+
+    def times_done() -> bool:
+        return all(tpos[k] >= len(t) for k, t in times.items())
+
+    n, prev, last_t = 0, None, None
+    try:
+        for frame in container.decode(vs):
+            t = (last_t or 0.0) + period if frame.pts is None else frame.pts * tnum / tden
+            if prev is None:
+                settle(0, frame, t)  # times before the first frame get the first frame
+            else:
+                settle(n - 1, prev, t)
+            for k, rows in by_pos.get(n, ()):
+                reqs[k].take[rows] = reqs[k].want(n, rgb_of(n, frame))
+            prev, last_t = frame, t
+            n += 1
+            if stop_early and n > last_wanted and times_done():
+                break
+    except av.FFmpegError as exc:
+        raise MediaError(path, f"decode failed, truncated or corrupt ({_why(exc)})") from exc
+    if n == 0:
+        raise MediaError(path, "no decodable video frames")
+    settle(n - 1, prev, None)  # times past the last frame get the last frame
+    return n

@@ -70,7 +70,12 @@ class DecodeOptions:
                                     "video (UnAV-100)", minimum=1)
     sample_frames_per_segment: int = option(1, help="frames stored per second for fine-tuning (seeded "
                                             "random times, 224x224)", minimum=0)
-    threads: int = option(1, help="decoder threads per job (PyAV thread_count)", minimum=1)
+    threads: int = option(1, help="decoder threads per job: that many videos decode at once, one FFmpeg thread "
+                          "each", minimum=1)
+    share_frames: str = option("base", choices=("none", "base", "all"), cli=False,
+                               help="decode each video once per shard for a run's visual stores: base (two or more "
+                                    "base visual stores share a frames job), all (the _ft stores too; their frames "
+                                    "wait on disk through fine-tuning), none")
 
 
 @dataclass
@@ -82,12 +87,17 @@ class ExtractOptions:
                                  "a state dict in the official layout; default: the encoder's official weights")
     frames_per_segment: int = option(16, help="visual: frames per 1-s segment, averaged", minimum=1)
     batch_size: int = option(16, help="frames (visual) or 1-s chunks (audio) per forward pass", minimum=1)
-    num_workers: int = option(1, help="decode worker processes", minimum=0)
+    num_workers: int | None = option(None, help="decode worker processes; null: sized from the machine (CPU: 1, "
+                                     "CUDA: cores - 1, at most 16)", minimum=0)
     threads: int = option(2, help="compute threads of each extraction job", minimum=1)
     dtype: str | None = option(None, help="stored dtype; default float16 for visual maps, float32 for "
                                "audio embeddings", choices=("float16", "float32"))
     device: str = option("auto", help="auto (CUDA when present) | cpu | cuda[:N]",
                          pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
+    resize_on: str = option("auto", help="where frames are resized: auto (the model's device on CUDA, the decode "
+                            "workers on CPU), cpu, device", choices=("auto", "cpu", "device"))
+    fuse: bool = option(True, help="inference-time fusions (ResNet-50: BatchNorm folded into its convolutions; "
+                        "equal within float tolerance)")
 
 
 @dataclass

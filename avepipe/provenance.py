@@ -28,6 +28,7 @@ STAGE_ENTRIES: dict[str, list[str]] = {
     "index": ["datasets/index.py"],
     "decode": ["decode.py"],
     "decode_report": ["decode.py", "decode_report.py"],
+    "frames": ["frames.py"],
     "store": ["store.py"],
     "finetune": ["training/finetune.py"],
     "import_h5": ["interop.py"],

@@ -273,3 +273,41 @@ def test_no_frame_sample_still_decodes(tmp_path):
     assert status["status"].tolist() == ["ok"], status["reason"].tolist()
     g = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
     assert g["frames"].shape[2] == 0 and g["n_segments"][0] == 3
+
+
+def test_parallel_videos_write_the_same_store(ave_shard, tmp_path):
+    """threads=3: three videos decode at once (one FFmpeg thread each), rows still land in
+    video order: every array and the status table equal the one-at-a-time store's (a file
+    cut short fails either way; FFmpeg's single-threaded decoder notices it while decoding,
+    its frame threads only at the end: the reasons' wording differs)."""
+    out = tmp_path / "par.zarr"
+    table = decode.decode_shard(ave_shard["rows"], out, n_segments=10, audio_rates=RATES, progress=False, threads=3)
+    table, want = table.set_index("video_id"), ave_shard["table"]
+    assert table.loc["truncfs", "status"] == "failed" and "truncated or corrupt" in table.loc["truncfs", "reason"]
+    pd.testing.assert_frame_equal(table.drop(index="truncfs"), want.drop(index="truncfs"))
+    a, b = zarr.open_group(str(ave_shard["out"]), mode="r"), zarr.open_group(str(out), mode="r")
+    assert sorted(a.array_keys()) == sorted(b.array_keys())
+    for k in a.array_keys():
+        if k != "reason":
+            np.testing.assert_array_equal(a[k][...], b[k][...], err_msg=k)
+
+
+def test_parallel_on_error_fail_raises_and_leaves_nothing(tmp_path):
+    paths = {f"g{i}": mc.av_clip(tmp_path / f"g{i}.mp4", 2.0) for i in range(3)}
+    paths["t"] = mc.truncated_faststart(tmp_path / "t.mp4")  # probes fine, fails mid-decode
+    out = tmp_path / "shard.zarr"
+    with pytest.raises(media.MediaError, match="t.mp4"):
+        decode.decode_shard(_rows(paths, 2.0), out, n_segments=2, audio_rates=[16000], on_error="fail",
+                            progress=False, threads=2)
+    assert not out.exists() and list(tmp_path.glob("shard.zarr.tmp-*")) == []
+
+
+def test_progress_lines_in_a_log(tmp_path, caplog):
+    """Not a terminal (a Snakemake job's log): rate-limited progress lines with rate and ETA."""
+    import logging
+
+    paths = {f"g{i}": mc.av_clip(tmp_path / f"g{i}.mp4", 1.0) for i in range(2)}
+    with caplog.at_level(logging.INFO):
+        decode.decode_shard(_rows(paths, 1.0), tmp_path / "s.zarr", n_segments=1, audio_rates=[16000])
+    lines = [r.getMessage() for r in caplog.records if "decode s.zarr" in r.getMessage()]
+    assert lines and lines[-1].startswith("decode s.zarr: 2/2 (100%)"), lines

@@ -13,8 +13,8 @@ from avepipe import media
 from avepipe import provenance as prov
 from avepipe.datasets.writer import write_mp4
 from avepipe.encoders import EncoderSpec, LoadedEncoder
-from avepipe.extract import (audio_chunks, audio_inputs, extract_shard, frame_times, step_starts,
-                             visual_frames)
+from avepipe.extract import (audio_chunks, audio_inputs, extract_shard, visual_frames)
+from avepipe.frames import frame_times, step_starts
 from avepipe.store import open_features
 
 RATE = 16000

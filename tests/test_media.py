@@ -182,3 +182,57 @@ def test_frames_by_index_bad_input(tmp_path, build, reason):
         with pytest.raises(media.MediaError) as err:
             fn()
         assert err.value.path == str(path) and reason in err.value.reason
+
+
+# ----------------------------------------------------------------- several selections in one pass
+def test_select_frames_one_pass_equals_the_single_purpose_readers(tmp_path):
+    p = write_mp4(tmp_path / "v.mp4", mc.index_frames(30, 48, 64), 12, crf=10)
+    times = np.array([2.4, 0.0, 1.3, 1.3, 0.2, -1.0, 100.0])  # unsorted, repeated, before / past the ends
+    idx = np.array([29, 0, 7, 7, 13])
+    sel = media.select_frames(p, times={"t": times}, index_plans={"i": lambda n: idx if n == 30 else None})
+    np.testing.assert_array_equal(sel["t"].frames[sel["t"].take], media.read_frames(p, times))
+    np.testing.assert_array_equal(sel["i"].frames[sel["i"].take], media.read_frames_by_index(p, idx))
+    # each chosen frame once, in decode order
+    assert sel["i"].positions.tolist() == [0, 7, 13, 29] and len(sel["i"].frames) == 4
+    assert [mc.frame_index(f) for f in sel["t"].frames] == sel["t"].positions.tolist() == [0, 2, 15, 28, 29]
+    # a transform (e.g. the recipe's resize) sees stacked RGB frames
+    half = media.select_frames(p, times={"t": times}, transforms={"t": lambda f: f[:, ::2, ::2]})["t"]
+    np.testing.assert_array_equal(half.frames, sel["t"].frames[:, ::2, ::2])
+
+
+def test_select_frames_without_a_declared_count_reads_by_index_in_a_second_pass(tmp_path):
+    """A Matroska file declares no frame count: the pass counts the frames it decodes and
+    picks the frames of the plan for that count in a second pass."""
+    path = tmp_path / "v.mkv"
+    with av.open(str(path), "w", format="matroska") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.options = {"crf": "10"}
+        for img in mc.index_frames(20, 48, 64):
+            for pkt in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    with av.open(str(path)) as c:
+        assert not c.streams.video[0].frames  # nothing declared
+    seen = []
+
+    def plan(n):
+        seen.append(n)
+        return np.arange(0, n, 6)
+
+    sel = media.select_frames(path, index_plans={"i": plan})["i"]
+    assert seen == [20] and [mc.frame_index(f) for f in sel.frames[sel.take]] == [0, 6, 12, 18]
+    with pytest.raises(media.MediaError, match="frame index 25 requested but the video decodes to 20 frames"):
+        media.select_frames(path, index_plans={"i": lambda n: [25]})
+
+
+@pytest.mark.parametrize("build,reason", [(mc.no_video, "no video stream"), (mc.random_bytes, "unreadable"),
+                                          (None, "file missing")])
+def test_select_frames_bad_input(tmp_path, build, reason):
+    path = tmp_path / "bad.mp4"
+    if build is not None:
+        build(path)
+    with pytest.raises(media.MediaError) as err:
+        media.select_frames(path, times={"t": [0.5]})
+    assert err.value.path == str(path) and reason in err.value.reason

@@ -96,6 +96,15 @@ class VGG19Options:
              "256 and centre crop 224")
     pooled: bool = option(False, help="store the spatial mean (512,) instead of the 7x7 map")
 
+    def frame_recipe(self, per_step: int):
+        """How this recipe picks, resizes and normalises frames (shared decoding, avepipe.frames)."""
+        from avepipe.frames import FrameRecipe
+
+        return {"ave": FrameRecipe("script_index", per_step, "cv2_linear224", "caffe_bgr"),
+                "torchvision": FrameRecipe("time", per_step, "bilinear224", "imagenet"),
+                "imagenet_crop": FrameRecipe("time", per_step, "resize256_crop224", "imagenet"),
+                }[self.preprocessing]
+
     def select_frames(self, path: str, starts: np.ndarray, span: float, per_step: int,
                       duration: float) -> np.ndarray | None:
         """The extraction stage's frame hook: the ``ave`` recipe picks frames by decode index

@@ -121,3 +121,32 @@ def test_random_deterministic_per_seed():
     b = get_encoder("resnet50").load(weights="random:3").model.conv1.weight
     c = get_encoder("resnet50").load(weights="random:4").model.conv1.weight
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ----------------------------------------------------------------- inference fusions
+def test_batchnorm_folding_equals_the_unfused_trunk(reference, encoder):
+    """Every BatchNorm (non-trivial statistics) folded into its convolution: the same maps
+    within float rounding, and no BatchNorm left. The encoder's own module is untouched."""
+    before = {k: v.clone() for k, v in encoder.model.state_dict().items()}
+    fused = encoder.model.fused_for_inference()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in encoder.model.modules()) == 53
+    assert fused.fusions == ["batchnorm folded into the preceding convolution (53 pairs)"]
+    x = ref_preprocess(_frames(2, seed=5))
+    with torch.no_grad():
+        want, got = encoder.model(x), fused(x)
+    assert got.shape == want.shape == (2, 7, 7, 2048)
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    # the weights layout (saved / fine-tuned files) is the unfused one, unchanged
+    after = encoder.model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(p.requires_grad for p in fused.parameters())
+
+
+def test_batchnorm_folding_pooled(reference):
+    enc = get_encoder("resnet50").load(weights=str(reference[2]), pooled=True)
+    x = ref_preprocess(_frames(1, seed=6))
+    with torch.no_grad():
+        want, got = enc.model(x), enc.model.fused_for_inference()(x)
+    assert got.shape == (1, 2048)
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())

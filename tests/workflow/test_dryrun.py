@@ -88,9 +88,11 @@ def test_demo_schedules_the_finetuning_path_first_with_one_thread_extraction(tmp
     jobs = [b for b in re.split(r"\n(?=(?:local)?rule \w+:)", out) if re.match(r"(?:local)?rule \w+:", b)]
     prio = {re.search(r"wildcards: (.*)", b).group(1): int(re.search(r"priority: (\d+)", b).group(1))
             for b in jobs if "priority:" in b}
-    # demo: side visual with cnn14 as the frozen partner -> cnn14 stores and the resnet50_ft re-extraction
-    assert sorted(prio.values()) == [10, 10, 10, 10, 20]
+    # demo: side visual with cnn14 as the frozen partner -> cnn14 stores and the resnet50_ft re-extraction;
+    # the readers of a shared frames store (vgg19, resnet50) run before the next frames job (priority 1)
+    assert sorted(prio.values()) == [1, 1, 1, 1, 10, 10, 10, 10, 20]
     assert all("enc=cnn14" in w or "enc=resnet50_ft" in w for w, p in prio.items() if p == 10)
+    assert all("enc=vgg19" in w or "enc=resnet50," in w for w, p in prio.items() if p == 1)
     extract = [b for b in jobs if b.startswith("rule extract:")]
     assert extract and not any("threads:" in b for b in extract)  # 1 thread (snakemake prints only > 1)
 

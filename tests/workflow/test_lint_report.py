@@ -15,7 +15,7 @@ import pytest
 from .smk import REPO, SNAKEMAKE
 from .test_reruns import snakemake, tiny_run
 
-RULES_CALLING_AVEPIPE = {"synth", "index", "decode", "decode_report", "extract", "store_summary",
+RULES_CALLING_AVEPIPE = {"synth", "index", "decode", "decode_report", "frames", "extract", "store_summary",
                          "finetune", "finetune_both", "train", "summary"}
 
 
