@@ -43,9 +43,8 @@ import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-import dask.array as da
 import google_crc32c
 import numpy as np
 import zarr
@@ -53,6 +52,9 @@ from zarr.codecs import Crc32cCodec
 
 from avepipe.verify import (FEATURE_ARRAYS, ArrayInfo, Problem, StoreDamagedError, check_present, checksum_problem,
                             file_problem, has_checksum, layout_problems, raw_chunk_nbytes, read_array, read_metadata)
+
+if TYPE_CHECKING:  # dask is imported where it is used: decode, frames and extract never need it
+    import dask.array as da
 
 log = logging.getLogger(__name__)
 
@@ -531,10 +533,12 @@ class _Rows:
     def __getitem__(self, key) -> np.ndarray:
         return self.getitem(key, threads=1)  # dask's tasks run in parallel already
 
-    def dask(self) -> da.Array:
+    def dask(self) -> "da.Array":
         """Dask array of these rows. Tasks read whole chunks of one shard, ~READ_BLOCK_BYTES
         each, in store order; other orders are a dask take of that (reading in the wanted
         order would read every chunk once per task)."""
+        import dask.array as da
+
         offsets = np.cumsum([0] + [r.n for r in self.shards])
         where = offsets[self.shard_of] + self.row_of  # row in the concatenated store order
         everything = _Rows(self.shards, np.repeat(np.arange(len(self.shards)), [r.n for r in self.shards]),
@@ -550,11 +554,12 @@ class _Rows:
                                  meta=np.empty((0,) * self.ndim, self.dtype))
         return self._gathered()
 
-    def _gathered(self) -> da.Array:
+    def _gathered(self) -> "da.Array":
         """Rows in any order: one task per shard reads the rows needed from it (each chunk
         once), one task per output block of ~READ_BLOCK_BYTES gathers its rows from those.
         (dask's own take over store-order blocks makes many small tasks: several times slower.)"""
         import dask
+        import dask.array as da
 
         parts, where = {}, {}
         for s, reader in enumerate(self.shards):
