@@ -25,7 +25,8 @@ rule decode:
         CPU_ENV
     shell:
         "avepipe decode --index={input.index:q} --shard={wildcards.shard} --out={output:q}"
-        " {params.options} --rates {params.rates} --seed={params.seed} --on-error={params.on_error}"
+        # --threads last: the job's threads (decode.threads, or a profile's set-threads) win
+        " {params.options} --rates {params.rates} --seed={params.seed} --on-error={params.on_error} --threads={threads}"
         " > {log:q} 2>&1"
 
 
