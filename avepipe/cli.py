@@ -163,9 +163,10 @@ def cmd_synth(a) -> int:
     opts = O.from_args(O.SynthOptions, a)
     kw = {"duration_range": (opts.min_duration, opts.max_duration)} if a.format == "unav100" else {}
     seed = opts.seed or 0
-    synthetic.make(a.format, a.out, opts.videos, seed, classes=opts.classes, **kw)
+    synthetic.make(a.format, a.out, opts.videos, seed, classes=opts.classes,
+                   split_fractions=tuple(opts.split), **kw)
     _write_json({"format": a.format, "root": str(a.out), "videos": opts.videos, "seed": seed,
-                 "classes": opts.classes}, a.summary)
+                 "classes": opts.classes, "split": list(opts.split)}, a.summary)
     return 0
 
 

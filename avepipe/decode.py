@@ -135,7 +135,7 @@ def _plan(video_id: str, rows: pd.DataFrame, n_segments: int | None) -> dict:
 def _decode_one(item: dict, audio_rates: list[int], k: int, seed: int, threads: int = 0) -> tuple[np.ndarray, dict]:
     n = item["n_segments"]
     times = sample_times(n, k, _video_seed(seed, item["video_id"]))
-    dec = media.decode(item["path"], times=times, size=FRAME_SIZE, rates=audio_rates, threads=threads)
+    dec = media.read_media(item["path"], times=times, size=FRAME_SIZE, rates=audio_rates, threads=threads)
     span, warn = item["span"], item["warnings"]
     if dec.video_end is not None and dec.video_end < span - TOLERANCE_S:
         warn.append(f"video shorter than annotation ({dec.video_end:.2f} s < {span:.2f} s): "

@@ -29,6 +29,10 @@ None (or no such method) means the defaults below: frames by presentation time a
 centres of ``per_step`` equal parts of each step, and 1-s chunks of the waveform.
 :func:`visual_frames` and :func:`audio_inputs` apply them (fine-tuning uses the same two).
 
+Why one long module: the per-video isolation, the data path (workers, prefetch, wait
+share) and the shard's store writing are one loop whose failure handling must stay in
+one reading.
+
 Two step grids:
 * AVE (``window=None``): one step per 1-s segment, ``n_segments`` steps.
 * UnAV (``window``/``hop`` in s): steps start at k*hop while start+window <= duration,

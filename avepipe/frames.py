@@ -20,9 +20,12 @@ workers only decode and the resize runs beside the model. Stage 2 always runs on
 model's device.
 
 An encoder states its recipe with a ``frame_recipe(per_step)`` method on its options
-object (ResNet-50 does); VGG-19's recipes are listed here until its module has that hook.
-An encoder with neither is decoded and preprocessed as before (its ``select_frames`` hook
+object (ResNet-50 and VGG-19 do). An encoder without one is decoded and preprocessed as before (its ``select_frames`` hook
 and ``LoadedEncoder.preprocess``).
+
+Why one long module: recipes, their CPU and device forms, the shared decoding pass and the
+frames store must agree bit for bit (tests/test_frames.py); kept together so a recipe is
+changed in one place.
 """
 from __future__ import annotations
 
@@ -50,8 +53,6 @@ from avepipe.store import finish_store, mark_writer, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
-# The `frames` stage's code fingerprint (the frames store's provenance): this module and
-# what it imports. (Kept here until avepipe/provenance.py lists the stage itself.)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -231,9 +232,23 @@ def recipe_of(encoder: str, options: Any, per_step: int) -> FrameRecipe | None:
 
 
 # --------------------------------------------------------------------------- decoding
-def _script_plan(starts: np.ndarray, span: float, per_step: int, duration: float, n: int) -> np.ndarray:
-    from avepipe.encoders.vgg19 import script_frame_indices
+def script_frame_indices(n_frames: int, starts: np.ndarray, span: float, per_step: int,
+                         duration: float) -> np.ndarray:
+    """Decode indices of the AVE script, step-major: ``fi = int(n_frames / duration)``,
+    step at ``s`` frame i: ``int(s*fi + (i*1.0/per_step)*span*fi)``. With the AVE grid
+    (s = l, span 1, duration 10, per_step 16) the float operations are the script's own,
+    so the indices are bit-identical to ``int(l*fi + (i*1.0/16)*fi)``."""
+    if n_frames < 1:
+        raise ValueError(f"no frames to pick from (n_frames={n_frames})")
+    if duration <= 0 or per_step < 1:
+        raise ValueError(f"bad grid: duration={duration}, per_step={per_step}")
+    fi = int(n_frames / duration)
+    frac = np.arange(per_step, dtype=np.float64) * 1.0 / per_step
+    pos = np.asarray(starts, np.float64)[:, None] * fi + (frac[None, :] * float(span)) * fi
+    return pos.astype(np.int64).reshape(-1)  # int(): truncation, as the script
 
+
+def _script_plan(starts: np.ndarray, span: float, per_step: int, duration: float, n: int) -> np.ndarray:
     return script_frame_indices(n, starts, span, per_step, duration)
 
 

@@ -3,14 +3,20 @@
 Conventions (contracts.md, "Media"):
 
 * Time is presentation time, ``pts * time_base`` in seconds, with the file's own
-  origin (t = 0 is pts 0; AVE/UnAV clips start there). Frames are never selected by
-  decode index: with threaded decoding PyAV's ``frame.index`` is wrong near the
-  end of the stream (REFERENCE §2), and it is meaningless for variable frame rate.
+  origin (t = 0 is pts 0; AVE/UnAV clips start there). Frames are selected by time,
+  except where a recipe asks for decode positions (the AVE script's grid,
+  :func:`read_frames_by_index`): those are counted here, never taken from PyAV's
+  ``frame.index``, which threaded decoding gets wrong near the end of the stream
+  (docs/reference.md §2) and which means nothing for a variable frame rate.
 * The frame shown at time ``t`` is the one with the largest pts <= t; times before
   the first frame get the first frame, times past the last frame get the last one.
 * Audio is downmixed to mono as the **mean of all channels** (5.1 included, LFE
   too) and resampled with soxr, quality 'HQ', to each requested rate; float32.
 * Unreadable input raises :class:`MediaError` naming the file and the reason.
+
+Why one long module: every PyAV call of the package is here (probe, the one-pass
+:func:`read_media` of the decode stage, frames by time or position, several selections in
+one pass), so container quirks and error wording are handled once.
 """
 from __future__ import annotations
 
@@ -203,7 +209,7 @@ class Decoded:
     audio_peak: float = 0.0                 # max |sample| of the native-rate mono mix
 
 
-def decode(path: str | Path, times: np.ndarray | None = None, size: tuple[int, int] | None = None,
+def read_media(path: str | Path, times: np.ndarray | None = None, size: tuple[int, int] | None = None,
            rates: list[int] | None = None, threads: int = 0) -> Decoded:
     """One sequential demux/decode pass over the video (if ``times``) and audio (if ``rates``).
 
@@ -375,7 +381,7 @@ def read_audio(path: str | Path, rates: list[int]) -> dict[int, np.ndarray]:
     """
     if not rates:
         raise ValueError("read_audio needs at least one sample rate")
-    return decode(path, rates=list(rates)).audio
+    return read_media(path, rates=list(rates)).audio
 
 
 def read_frames(path: str | Path, times: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -386,7 +392,7 @@ def read_frames(path: str | Path, times: np.ndarray, size: tuple[int, int] | Non
     resizes with swscale (bilinear, aspect not kept); None keeps the stream size.
     One sequential decode pass that stops once every time is settled.
     """
-    return decode(path, times=np.asarray(times, dtype=np.float64), size=size).frames
+    return read_media(path, times=np.asarray(times, dtype=np.float64), size=size).frames
 
 
 # --------------------------------------------------------------------------- frames by index

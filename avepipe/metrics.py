@@ -10,7 +10,7 @@ All results are fractions in [0, 1], never percent (contracts.md "Metrics").
   truth; its duplicate and tie rules below), ``precision_recall`` its curves at one tIoU,
   ``unav_ground_truth`` the ground truth of a split from the annotations.
 
-Over ~450 lines because reproducing the reference's ranking of tied scores needs numpy's
+Why one long module: reproducing the reference's ranking of tied scores needs numpy's
 own argsort written out (``reference_argsort``); the detection half could be its own module.
 """
 from __future__ import annotations

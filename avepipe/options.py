@@ -46,6 +46,8 @@ class SynthOptions:
     seed: int | None = option(None, help="generator seed (default: the run's seed)", minimum=0)
     min_duration: float = option(20.0, help="UnAV-100 format: shortest video (s)", exclusive_minimum=0)
     max_duration: float = option(60.0, help="UnAV-100 format: longest video (s)", exclusive_minimum=0)
+    split: list[float] = option([0.70, 0.15, 0.15], help="train / val / test shares of the videos "
+                                "(class-stratified; each class keeps one train video)")
 
 
 @dataclass

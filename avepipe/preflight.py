@@ -134,7 +134,7 @@ def official_files(cfg: dict) -> list[tuple[str, object]]:
         official = {k.lower(): v for k, v in spec.official.items()}
         if str(w).lower() in official:
             out.append((f"encoders.{name}.weights = {w!r}", official[str(w).lower()]))
-        for extra in getattr(spec, "extra_official_files", lambda opts: [])(ec):
+        for extra in spec.extra_official_files(ec):
             out.append((f"encoders.{name}", extra))
     return out
 

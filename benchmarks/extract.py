@@ -134,7 +134,8 @@ def bench_encoder(name: str, root: Path, index: pd.DataFrame, fps: int, batch: i
 
 # ----------------------------------------------------------------------------- data path
 def _old_vgg19_ave(path: str, fps: int) -> torch.Tensor:
-    from avepipe.encoders.vgg19 import preprocess_ave, script_frame_indices
+    from avepipe.encoders.vgg19 import preprocess_ave
+    from avepipe.frames import script_frame_indices
 
     n = media.count_frames(path)
     frames = media.read_frames_by_index(path, script_frame_indices(n, np.arange(10.0), 1.0, fps, 10.0))

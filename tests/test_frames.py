@@ -15,7 +15,7 @@ from avepipe import frames as fr
 from avepipe import media
 from avepipe.datasets.writer import write_mp4
 from avepipe.encoders import get_encoder, vgg19
-from avepipe.encoders.vgg19 import script_frame_indices
+from avepipe.frames import script_frame_indices
 from avepipe.extract import data_path, extract_shard
 from avepipe.store import open_features
 

@@ -82,6 +82,14 @@ def test_missing_weights_listed_in_one_message(tmp_path, monkeypatch, ave_root):
     (ck / "vggish-10086976.pth").write_bytes(b"not the release")
     found = preflight.weights_findings(cfg)
     assert any(f.level == "error" and "vggish-10086976.pth" in f.message and "expected" in f.message for f in found)
+    # VGGish with the released PCA: its PCA file is listed too, unless a file of one's own is named
+    (ck / "vggish-10086976.pth").unlink()
+    cfg["encoders"]["vggish"]["pca"] = True
+    (err,) = [f for f in preflight.weights_findings(cfg) if f.level == "error"]
+    assert "vggish_pca_params-970ea276.pth" in err.message and "encoders.vggish" in err.message
+    cfg["encoders"]["vggish"]["pca_params"] = str(tmp_path / "my_pca.pth")
+    (err,) = [f for f in preflight.weights_findings(cfg) if f.level == "error"]
+    assert "vggish_pca_params" not in err.message
     # dry runs are told, not stopped
     found = preflight.run_checks(cfg, dry_run=True)
     assert not preflight.errors(found) and any(f.level == "warning" and f.check == "weights" for f in found)

@@ -6,6 +6,9 @@ An *event* is a time where the class's picture is shown AND its sound plays; as 
 seconds where only one modality carries the class, or picture and sound belong to different
 classes, are background. Videos are real mp4 files (h264 + AAC) with varied resolution,
 frame rate, sample rate and channel count. Output is a pure function of the seed.
+
+Why one long module: the two datasets share the class styles, the renderer and the split
+assignment; the generator's truth (what a model can learn) is easier to check in one place.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
-from scipy.signal import lfilter
+from scipy.signal import butter, lfilter, sosfilt
 
 from .ave import write_annotations, write_order_h5
 from .labels import AVE_CLASSES
@@ -37,6 +40,12 @@ _SHAPES = ("disc", "square", "triangle", "diamond", "ring", "cross")
 _PARTIALS = ((1, 2, 3), (1, 3, 5), (1, 2, 4), (1, 2, 3, 4, 5), (1, 4), (1, 3, 6))
 _TONE_GAIN = 0.25
 _NOISE_GAIN = 0.02
+# Every sound lives below AUDIO_BAND_HZ whatever the file's sample rate (16-48 kHz), so a
+# class sounds the same in every file: otherwise the empty band above 8 kHz of a 16-kHz file
+# is the largest difference a 32-kHz encoder (Cnn14) sees, larger than the class.
+AUDIO_BAND_HZ = 7000.0
+_NOISE_CUTOFF_HZ = 250.0  # the hiss is low-passed (one pole) at a cutoff fixed in Hz
+OBJECT_SCALE = 0.8  # object size / short side of the frame (see _slots)
 _RAMP_S = 0.01  # fade in/out of a sound so that onsets do not click
 
 
@@ -100,7 +109,7 @@ def class_tone(cls: int, t: np.ndarray, sample_rate: int) -> np.ndarray:
     tone = np.zeros_like(t)
     norm = 0.0
     for k in st.partials:
-        if k * st.f0 < 0.45 * sample_rate:  # keep every partial below Nyquist at 16 kHz too
+        if k * st.f0 < min(AUDIO_BAND_HZ, 0.45 * sample_rate):  # the same partials at every rate
             tone += np.sin(2 * np.pi * k * st.f0 * t + 0.7 * k) / k
             norm += 1.0 / k
     am = 0.6 + 0.4 * np.sin(2 * np.pi * st.am_rate * t)
@@ -155,13 +164,18 @@ def _active(tracks: list[Track], t: float, want: str) -> list[int]:
 
 
 def _slots(width: int, height: int, n: int) -> tuple[list[tuple[float, float]], int]:
-    """Object centres and size: one object centred, two side by side (stacked when portrait)."""
-    base = int(0.4 * min(width, height))
+    """Object centres and size: one object centred, two side by side (stacked when portrait).
+
+    Objects are large (OBJECT_SCALE of the short side; a pair shares the long side): with
+    random encoder weights (the demo) a small object barely moves deep features, and the
+    picture is half of the audio-visual rule the heads must learn."""
+    short, long = min(width, height), max(width, height)
     if n <= 1:
-        return [(width / 2, height / 2)], base
+        return [(width / 2, height / 2)], int(OBJECT_SCALE * short)
+    size = int(OBJECT_SCALE * min(short, long / 2))
     if width >= height:
-        return [(width / 4, height / 2), (3 * width / 4, height / 2)], min(base, int(0.4 * width / 2))
-    return [(width / 2, height / 4), (width / 2, 3 * height / 4)], min(base, int(0.4 * height / 2))
+        return [(width / 4, height / 2), (3 * width / 4, height / 2)], size
+    return [(width / 2, height / 4), (width / 2, 3 * height / 4)], size
 
 
 def _background_texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -241,12 +255,21 @@ def render_video(spec: VideoSpec) -> np.ndarray:
     return np.stack(list(iter_frames(spec)))
 
 
+@lru_cache(maxsize=8)
+def _band_filter(sample_rate: int) -> np.ndarray:
+    """8th-order Butterworth low-pass at AUDIO_BAND_HZ (second-order sections)."""
+    return butter(8, min(AUDIO_BAND_HZ, 0.45 * sample_rate), fs=sample_rate, output="sos")
+
+
 def render_audio(spec: VideoSpec) -> np.ndarray:
     """Audio (C, S) float32 in [-1, 1]: low coloured noise plus each track's class tone."""
     rng = np.random.default_rng([spec.seed, 2])
     sr, n = spec.sample_rate, spec.n_samples
     t = np.arange(n) / sr
-    noise = lfilter([1.0], [1.0, -0.9], rng.normal(0, 1, size=n))  # one-pole low-pass: softer hiss
+    # a soft hiss with the same spectrum at every sample rate: one-pole low-pass, then band-limited
+    pole = math.exp(-2 * math.pi * _NOISE_CUTOFF_HZ / sr)
+    noise = lfilter([1.0], [1.0, -pole], rng.normal(0, 1, size=n))
+    noise = sosfilt(_band_filter(sr), noise)
     mix = _NOISE_GAIN * noise / (np.std(noise) + 1e-9)
     ramp = max(1, int(_RAMP_S * sr))
     for tr in spec.tracks:
@@ -310,21 +333,32 @@ def _media_params(rng, n, fps_choices, size_choices, rate_choices, channel_choic
 
 
 def _assign_splits(rng: np.random.Generator, labels: list[int], fractions=SPLIT_FRACTIONS) -> np.ndarray:
-    """~70/15/15 split with one video of every class reserved for train."""
+    """Class-stratified train / val / test split by ``fractions``, one video of every class
+    reserved for train: classes are dealt in turns (each class's videos in random order), so
+    every split holds the classes in the dataset's proportions and a small test split is
+    not missing a class by chance."""
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must be three shares (train, val, test) >= 0 summing to 1, "
+                         f"got {list(fractions)}")
     n = len(labels)
     split = np.full(n, "train", dtype=object)
-    order = rng.permutation(n)
-    reserved = {}
-    for i in order:
-        reserved.setdefault(labels[i], i)
-    rest = [i for i in order if i not in set(reserved.values())]
+    queues: dict[int, list[int]] = {}
+    for i in rng.permutation(n):
+        queues.setdefault(labels[i], []).append(int(i))
+    dealt: list[int] = []
+    while any(queues.values()):
+        for c in sorted(queues):
+            if queues[c]:
+                dealt.append(queues[c].pop(0))
+    rest = dealt[len(queues):]  # the first turn (one video per class) stays in train
     n_val = int(round(fractions[1] * n))
     n_test = int(round(fractions[2] * n))
     if n >= 3:
         n_val, n_test = max(n_val, 1), max(n_test, 1)
-    n_val, n_test = min(n_val, len(rest)), min(n_test, max(len(rest) - n_val, 0))
-    split[rest[:n_val]] = "val"
-    split[rest[n_val:n_val + n_test]] = "test"
+    n_val = min(n_val, len(rest))
+    n_test = min(n_test, len(rest) - n_val)
+    split[rest[:n_test]] = "test"
+    split[rest[n_test:n_test + n_val]] = "val"
     return split
 
 
@@ -360,31 +394,25 @@ def _ave_tracks(rng: np.random.Generator, cls: int, start: int, end: int, n_clas
     return [Track(t.cls, float(t.t0), float(t.t1), t.modality) for t in tracks]
 
 
-def _start(out, videos: int, seed: int, classes: int, max_classes: int, choices: tuple):
-    """Check the arguments shared by both generators; the root, the dataset RNG, ids and media."""
+def _start(videos: int, seed: int, classes: int, max_classes: int, choices: tuple):
+    """Check the arguments shared by both generators; the dataset RNG, ids and media."""
     if not 1 <= classes <= max_classes:
         raise ValueError(f"classes must be in 1..{max_classes}, got {classes}")
     if videos < 1 or seed < 0:
         raise ValueError(f"videos must be >= 1 and seed >= 0, got videos={videos}, seed={seed}")
     rng = np.random.default_rng(seed)
     ids = make_ids(rng, videos)
-    return Path(out), rng, ids, _media_params(rng, videos, *choices)
+    return rng, ids, _media_params(rng, videos, *choices)
 
 
-def make_ave(out: str | Path, videos: int, seed: int, classes: int | None = None, *,
+def plan_ave(videos: int, seed: int, classes: int | None = None, *,
              fps_choices=FPS_CHOICES, size_choices=SIZE_CHOICES, rate_choices=RATE_CHOICES,
              channel_choices=CHANNEL_CHOICES, full_event_prob: float = 0.3,
-             progress: bool = False) -> dict:
-    """Write a synthetic AVE dataset to ``out`` in the real layout and return its metadata.
-
-    ``out/AVE/<id>.mp4`` (10 s each), ``out/Annotations.txt`` (no header) and
-    ``out/{train,val,test}_order.h5``; ``out/synthetic.json`` records every video's spec.
-    ``classes`` = number of classes used (the first k of ``AVE_CLASSES``; None = all 28).
-    Each video has one class and one contiguous event of >= 2 whole seconds.
-    """
+             split_fractions=SPLIT_FRACTIONS) -> tuple[list[VideoSpec], pd.DataFrame, np.ndarray]:
+    """What ``make_ave`` writes, without rendering: (video specs, annotation rows, split per video)."""
     k = len(AVE_CLASSES) if classes is None else int(classes)
-    root, rng, ids, media = _start(out, videos, seed, k, len(AVE_CLASSES),
-                                   (fps_choices, size_choices, rate_choices, channel_choices))
+    rng, ids, media = _start(videos, seed, k, len(AVE_CLASSES),
+                             (fps_choices, size_choices, rate_choices, channel_choices))
     labels = [int(c) for c in _balanced(rng, list(range(k)), videos)]
     rows, specs = [], []
     for i, (vid, cls, mp) in enumerate(zip(ids, labels, media)):
@@ -398,12 +426,26 @@ def make_ave(out: str | Path, videos: int, seed: int, classes: int | None = None
         tracks = _ave_tracks(vrng, cls, start, end, k)
         specs.append(VideoSpec(vid, 10.0, tracks=tracks, seed=int(seed * 1_000_003 + i), **mp))
         rows.append(dict(category=AVE_CLASSES[cls], video_id=vid, quality="good", start=start, end=end))
-    df = pd.DataFrame(rows)
-    split = _assign_splits(rng, labels)
+    return specs, pd.DataFrame(rows), _assign_splits(rng, labels, split_fractions)
+
+
+def make_ave(out: str | Path, videos: int, seed: int, classes: int | None = None, *,
+             progress: bool = False, **plan) -> dict:
+    """Write a synthetic AVE dataset to ``out`` in the real layout and return its metadata.
+
+    ``out/AVE/<id>.mp4`` (10 s each), ``out/Annotations.txt`` (no header) and
+    ``out/{train,val,test}_order.h5``; ``out/synthetic.json`` records every video's spec.
+    ``classes`` = number of classes used (the first k of ``AVE_CLASSES``; None = all 28).
+    Each video has one class and one contiguous event of >= 2 whole seconds. ``plan``:
+    the keyword options of ``plan_ave`` (media choices, ``full_event_prob``, ``split_fractions``).
+    """
+    specs, df, split = plan_ave(videos, seed, classes, **plan)
+    root = Path(out)
     write_annotations(root / "Annotations.txt", df, header=False)
     for name in ("train", "val", "test"):
         write_order_h5(root / f"{name}_order.h5", np.flatnonzero(split == name))
     _write_all(root, specs, "AVE", progress)
+    k = len(AVE_CLASSES) if classes is None else int(classes)
     meta = {"format": "ave", "seed": seed, "classes": k, "videos": [s.to_dict() for s in specs],
             "splits": split.tolist()}
     _write_meta(root, meta)
@@ -432,20 +474,15 @@ def _unav_events(rng: np.random.Generator, duration: float, n_classes: int, max_
     return events
 
 
-def make_unav100(out: str | Path, videos: int, seed: int, classes: int = 5, *,
+def plan_unav100(videos: int, seed: int, classes: int = 5, *,
                  duration_range: tuple[float, float] = (20.0, 60.0), max_events: int = 4,
                  overlap_prob: float = 0.35, distractor_prob: float = 0.5,
                  fps_choices=FPS_CHOICES, size_choices=SIZE_CHOICES, rate_choices=RATE_CHOICES,
-                 channel_choices=CHANNEL_CHOICES, progress: bool = False) -> dict:
-    """Write a synthetic UnAV-100 dataset to ``out`` in the real layout; return its metadata.
-
-    ``out/raw_videos/<id>.mp4`` and ``out/annotations/unav100_annotations.json`` (labels and
-    label_ids of the first ``classes`` UnAV-100 classes). Videos last ``duration_range`` s and
-    hold 1..``max_events`` events with float boundaries; overlapping events show both pictures
-    side by side and mix both sounds. Gaps may hold single-modality distractors (background).
-    """
-    root, rng, ids, media = _start(out, videos, seed, classes, len(UNAV_CLASSES),
-                                   (fps_choices, size_choices, rate_choices, channel_choices))
+                 channel_choices=CHANNEL_CHOICES, split_fractions=SPLIT_FRACTIONS,
+                 ) -> tuple[list[VideoSpec], dict, np.ndarray]:
+    """What ``make_unav100`` writes, without rendering: (video specs, annotation database, split per video)."""
+    rng, ids, media = _start(videos, seed, classes, len(UNAV_CLASSES),
+                             (fps_choices, size_choices, rate_choices, channel_choices))
     specs, db, first_labels = [], {}, []
     for i, (vid, mp) in enumerate(zip(ids, media)):
         vrng = np.random.default_rng([seed, i])
@@ -466,9 +503,24 @@ def make_unav100(out: str | Path, videos: int, seed: int, classes: int = 5, *,
         db[vid] = {"duration": duration, "annotations": [
             {"segment": [t0, t1], "label": UNAV_CLASSES[c], "label_id": c} for c, t0, t1 in events]}
         first_labels.append(events[0][0] if events else -1)
-    split = _assign_splits(rng, first_labels)
+    split = _assign_splits(rng, first_labels, split_fractions)
     for vid, s in zip(ids, split):
         db[vid]["subset"] = s
+    return specs, db, split
+
+
+def make_unav100(out: str | Path, videos: int, seed: int, classes: int = 5, *, progress: bool = False,
+                 **plan) -> dict:
+    """Write a synthetic UnAV-100 dataset to ``out`` in the real layout; return its metadata.
+
+    ``out/raw_videos/<id>.mp4`` and ``out/annotations/unav100_annotations.json`` (labels and
+    label_ids of the first ``classes`` UnAV-100 classes). Videos last ``duration_range`` s and
+    hold 1..``max_events`` events with float boundaries; overlapping events show both pictures
+    side by side and mix both sounds. Gaps may hold single-modality distractors (background).
+    ``plan``: the keyword options of ``plan_unav100``.
+    """
+    specs, db, split = plan_unav100(videos, seed, classes, **plan)
+    root = Path(out)
     write_unav100(root / "annotations" / "unav100_annotations.json", db)
     _write_all(root, specs, "raw_videos", progress)
     meta = {"format": "unav100", "seed": seed, "classes": classes, "videos": [s.to_dict() for s in specs],

@@ -62,8 +62,14 @@ class EncoderSpec:
     frozen: tuple = ()
     # (spec, model, base_weights, seed) -> what torch.save writes for a fine-tuned model
     saved_layout: Callable[..., Any] | None = field(default=None, repr=False)
+    # encoder options (a config section) -> official files besides the weights (VGGish's PCA)
+    extra_files: Callable[[dict], list] | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ weights
+    def extra_official_files(self, options: dict) -> list:
+        """OfficialWeights of the files these options load besides the weights (preflight)."""
+        return list(self.extra_files(options)) if self.extra_files is not None else []
+
     @property
     def official_names(self) -> tuple[str, ...]:
         """Names accepted as `weights:` besides random[:seed] and a path (case-insensitive)."""

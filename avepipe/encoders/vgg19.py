@@ -68,22 +68,6 @@ KERAS_NAMES = ("keras", "keras_top")
 TORCHVISION_NAMES = ("imagenet", "imagenet1k_v1")
 
 
-def script_frame_indices(n_frames: int, starts: np.ndarray, span: float, per_step: int,
-                         duration: float) -> np.ndarray:
-    """Decode indices of the AVE script, step-major: ``fi = int(n_frames / duration)``,
-    step at ``s`` frame i: ``int(s*fi + (i*1.0/per_step)*span*fi)``. With the AVE grid
-    (s = l, span 1, duration 10, per_step 16) the float operations are the script's own,
-    so the indices are bit-identical to ``int(l*fi + (i*1.0/16)*fi)``."""
-    if n_frames < 1:
-        raise ValueError(f"no frames to pick from (n_frames={n_frames})")
-    if duration <= 0 or per_step < 1:
-        raise ValueError(f"bad grid: duration={duration}, per_step={per_step}")
-    fi = int(n_frames / duration)
-    frac = np.arange(per_step, dtype=np.float64) * 1.0 / per_step
-    pos = np.asarray(starts, np.float64)[:, None] * fi + (frac[None, :] * float(span)) * fi
-    return pos.astype(np.int64).reshape(-1)  # int(): truncation, as the script
-
-
 @dataclass
 class VGG19Options:
     """`encoders.vgg19`: VGG-19 pool5 options."""
@@ -113,6 +97,8 @@ class VGG19Options:
         if self.preprocessing != "ave":
             return None
         n = media.count_frames(path)
+        from avepipe.frames import script_frame_indices
+
         return media.read_frames_by_index(path, script_frame_indices(n, starts, span, per_step, duration))
 
 

@@ -256,4 +256,5 @@ SPEC = EncoderSpec(
     default_dtype="float32",
     blocks=blocks,
     saved_layout=saved_layout,
+    extra_files=lambda o: [PCA_PARAMS] if o.get("pca") and o.get("pca_params") in (None, "audioset") else [],
 )

@@ -15,9 +15,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-import zarr
 
+from avepipe.decode import open_decoded
 from avepipe.extract import audio_inputs
+from avepipe.verify import read_array, read_checked
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +28,21 @@ class TestSplitError(RuntimeError):
 
 
 class _RowSource:
-    """Rows ``rows[i]`` of the arrays ``arrays[i]`` (one per decoded shard), cut to the video's
-    real seconds (the shards are zero-padded past them)."""
+    """Rows ``rows[i]`` of the arrays ``arrays[i]`` (one per decoded shard, read from the shard
+    at ``shards[i]``), cut to the video's real seconds (the shards are zero-padded past them).
+    A damaged chunk raises StoreDamagedError naming shard, array and chunk."""
 
-    def __init__(self, arrays: list, rows: list[int], n_segments: np.ndarray, per_second: int = 1):
+    def __init__(self, arrays: list, rows: list[int], n_segments: np.ndarray, per_second: int = 1,
+                 shards: list[str] | None = None, name: str = ""):
         self._arrays, self._rows, self._nseg, self._per = arrays, rows, n_segments, per_second
+        self._shards, self._name = shards or [""] * len(rows), name
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return np.asarray(self._arrays[i][self._rows[i], : int(self._nseg[i]) * self._per])
+        sel = (self._rows[i], slice(0, int(self._nseg[i]) * self._per))
+        return read_array(self._shards[i], self._name, self._arrays[i], sel)
 
 
 class FrameSource(_RowSource):
@@ -112,10 +117,10 @@ def load_finetune_data(manifest: pd.DataFrame, decoded: Sequence[Path], partner_
         raise TestSplitError(f"test videos in fine-tuning data: {sorted(test_ids & set(ids))[:5]}")
     wanted = set(ids)
     wave_key = f"audio_{audio_rate}" if audio_rate else None
-    f_arrays, w_arrays, rows, nseg, got, seen = [], [], [], [], [], set()
+    f_arrays, w_arrays, rows, nseg, got, seen, paths = [], [], [], [], [], set(), []
     for path in decoded:
-        g = zarr.open_group(str(path), mode="r")
-        vids = [str(v) for v in g["video_id"][:]]
+        g = open_decoded(path)  # every chunk file there; contents checked on each read
+        vids = [str(v) for v in read_checked(path, g, "video_id")]
         sel = [i for i, v in enumerate(vids) if v in wanted and v not in seen]
         if not sel:
             continue
@@ -123,8 +128,8 @@ def load_finetune_data(manifest: pd.DataFrame, decoded: Sequence[Path], partner_
             raise ValueError(f"{path}: no frame sample stored; set decode.sample_frames_per_segment >= 1")
         if wave_key and wave_key not in g:
             raise ValueError(f"{path}: no {wave_key} array; add {audio_rate} to decode.audio_rates")
-        status = [str(v) for v in g["status"][:]]
-        n_segments = np.asarray(g["n_segments"][:])
+        status = [str(v) for v in read_checked(path, g, "status")]
+        n_segments = read_checked(path, g, "n_segments")
         for i in sel:
             if status[i] != "ok" or n_segments[i] < 1:
                 raise ValueError(f"{path}: video {vids[i]} is {status[i]!r} with {n_segments[i]} seconds "
@@ -134,6 +139,7 @@ def load_finetune_data(manifest: pd.DataFrame, decoded: Sequence[Path], partner_
             if wave_key:
                 w_arrays.append(g[wave_key])
             rows.append(i)
+            paths.append(str(path))
             nseg.append(int(n_segments[i]))
             got.append(vids[i])
             seen.add(vids[i])
@@ -147,9 +153,9 @@ def load_finetune_data(manifest: pd.DataFrame, decoded: Sequence[Path], partner_
     nseg = np.asarray(nseg)
     data = FinetuneData(got, nseg)
     if frames:
-        data.frames = FrameSource(f_arrays, rows, nseg)
+        data.frames = FrameSource(f_arrays, rows, nseg, shards=paths, name="frames")
     if wave_key:
-        data.waves = WaveSource(w_arrays, rows, nseg, int(audio_rate))
+        data.waves = WaveSource(w_arrays, rows, nseg, int(audio_rate), shards=paths, name=wave_key)
     if partner is not None:
         if not partner_store:
             raise ValueError(f"fine-tuning needs the {partner} feature store as the frozen partner")

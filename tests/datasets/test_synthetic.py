@@ -16,6 +16,7 @@ from avepipe.datasets.ave import read_annotations, read_splits
 from avepipe.datasets.index import build_index
 from avepipe.datasets.labels import AVE_CLASSES
 from avepipe.datasets.synthetic import (
+    AUDIO_BAND_HZ,
     CHANNEL_CHOICES,
     FPS_CHOICES,
     RATE_CHOICES,
@@ -25,7 +26,11 @@ from avepipe.datasets.synthetic import (
     class_style,
     make_ave,
     make_unav100,
+    plan_ave,
+    plan_unav100,
     render,
+    render_audio,
+    render_video,
 )
 from avepipe.datasets.unav100 import UNAV_CLASSES, read_unav100
 
@@ -154,6 +159,75 @@ def test_detectors_separate_levels(ave):
     assert min(vis) > 0.03
 
 
+def test_ave_objects_are_large(ave):
+    """An event second shows the class's object over > 14% of the decoded frame:
+    encoders with random weights (the demo) barely register a small one."""
+    root, meta = ave
+    df, _ = read_annotations(root / "Annotations.txt")
+    for v, row in zip(meta["videos"], df.itertuples()):
+        t = row.start + 0.5
+        frames, _, _ = decode(root / "AVE" / f"{v['video_id']}.mp4", [t])
+        assert colour_fraction(frames[t], row.label) > 0.14, (v["video_id"], v["width"], v["height"])
+
+
+@pytest.mark.parametrize("size", SIZE_CHOICES)
+def test_every_shape_is_large(size):
+    """Every class's shape (the thinnest included) covers > 14% of every frame size (objects
+    of 0.4 x the short side, the generator's former size, cover < 10%)."""
+    w, h = size
+    for cls in range(6):  # the six shapes
+        spec = VideoSpec("x" * 11, 0.5, 24.0, w, h, 16000, 1, [Track(cls, 0.0, 0.5, "v")], seed=cls)
+        frames = render_video(spec)
+        assert min(colour_fraction(f, cls) for f in frames) > 0.14, (cls, class_style(cls).shape, size)
+
+
+def test_sound_is_band_limited_and_rate_independent():
+    """Every sound (tone partials and hiss) stays below AUDIO_BAND_HZ at every sample rate, so
+    a class sounds the same in a 16-kHz and a 48-kHz file (a 32-kHz encoder would otherwise
+    see the file's band edge before the class)."""
+    # a class with a partial between the band limit and the Nyquist frequency of 48 kHz
+    cls = next(c for c in range(28) if AUDIO_BAND_HZ < max(class_style(c).partials) * class_style(c).f0 < 20000)
+    st = class_style(cls)
+    present = {}
+    for rate in (16000, 48000):
+        spec = VideoSpec("x" * 11, 2.0, 24.0, 160, 120, rate, 1, [Track(cls, 0.0, 2.0, "a")], seed=3)
+        x = render_audio(spec)[0].astype(np.float64)
+        p = np.abs(np.fft.rfft(x * np.hanning(len(x)))) ** 2
+        f = np.fft.rfftfreq(len(x), 1 / rate)
+        assert p[f > AUDIO_BAND_HZ + 500].sum() < 1e-4 * p.sum(), rate
+        present[rate] = [k for k in st.partials if p[np.abs(f - k * st.f0) <= 5].sum() > 1e-3 * p.sum()]
+    assert present[16000] == present[48000]
+    assert len(present[48000]) < len(st.partials)  # the partial above the band is left out at 48 kHz too
+
+
+@pytest.mark.parametrize("fractions", [(0.5, 0.5), (0.6, 0.3, 0.3), (1.2, -0.1, -0.1)])
+def test_bad_split_fractions_are_refused(fractions):
+    with pytest.raises(ValueError, match="split fractions"):
+        plan_ave(12, seed=0, classes=2, split_fractions=fractions)
+
+
+def test_splits_stratified_by_class():
+    """Each split holds the classes in the dataset's proportions (dealt in turns), so a small
+    test split is not missing a class; every class keeps a train video; sizes follow the fractions."""
+    specs, df, split = plan_ave(40, seed=0, classes=4, split_fractions=(0.5, 0.1, 0.4))
+    assert Counter(split) == {"train": 20, "val": 4, "test": 16}
+    for name, n in (("train", 20), ("val", 4), ("test", 16)):
+        per_class = Counter(df.loc[split == name, "category"])
+        assert len(per_class) == 4 and max(per_class.values()) - min(per_class.values()) <= 1, (name, per_class)
+    _, db, usplit = plan_unav100(12, seed=1, classes=4, duration_range=(20.0, 22.0))
+    assert Counter(usplit)["test"] >= 1 and Counter(usplit)["val"] >= 1
+    assert [db[v]["subset"] for v in db] == list(usplit)
+
+
+def test_plan_is_what_make_writes(ave):
+    root, meta = ave
+    specs, df, split = plan_ave(4, seed=7, classes=2)
+    assert [s.to_dict() for s in specs] == meta["videos"] and split.tolist() == meta["splits"]
+    written, _ = read_annotations(root / "Annotations.txt")
+    assert written["video_id"].tolist() == df["video_id"].tolist()
+    assert (written["start"].to_numpy() == df["start"].to_numpy()).all()
+
+
 def test_ave_deterministic(tmp_path):
     def digest(root: Path) -> dict:
         return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -247,3 +321,17 @@ def test_render_arrays_follow_tracks():
         assert (colour_fraction(video[int((s + 0.5) * 24)], 1) > 0.01) == (2 <= s < 5 or s == 6)
         assert (tone_share(mono, 16000, class_style(1).f0, s + 0.2, s + 0.8) > 0.1) == (2 <= s < 5)
         assert (tone_share(mono, 16000, class_style(2).f0, s + 0.2, s + 0.8) > 0.1) == (s == 8)
+
+
+def test_synth_cli_split_option(tmp_path):
+    """`avepipe synth --split` (config `data.synthetic.split`) sets the split sizes."""
+    import h5py
+
+    from avepipe.cli import main
+
+    out = tmp_path / "ave"
+    assert main(["synth", "--format", "ave", "--out", str(out), "--videos", "10", "--classes", "2",
+                 "--split", "0.5", "0.2", "0.3", "--summary", str(tmp_path / "s.json")]) == 0
+    sizes = {name: len(h5py.File(out / f"{name}_order.h5", "r")["order"][:]) for name in ("train", "val", "test")}
+    assert sizes == {"train": 5, "val": 2, "test": 3}
+    assert json.loads((tmp_path / "s.json").read_text())["split"] == [0.5, 0.2, 0.3]

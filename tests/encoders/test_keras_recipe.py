@@ -25,7 +25,7 @@ from avepipe.datasets.writer import write_mp4
 from avepipe.encoders import get_encoder
 from avepipe.encoders.keras_h5 import is_hdf5
 from avepipe.encoders.opencv_resize import resize_linear_u8
-from avepipe.encoders.vgg19 import script_frame_indices
+from avepipe.frames import script_frame_indices
 from avepipe.encoders.weights import WeightsError
 
 torch.set_num_threads(1)

@@ -164,10 +164,34 @@ def test_audio_data_is_train_val_waves_and_visual_partner(data):
     np.testing.assert_array_equal(second, x[:N_SEG])
     # partner: mean over seconds and space of the stored visual maps
     maps = np.stack([_colour_maps(np.asarray(g["frames"][data["vids"].index(v)])) for v in d.video_ids])
-    np.testing.assert_allclose(d.visual, maps.mean((1, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(d.visual, maps.mean((1, 2, 3)), rtol=1e-5, atol=1e-7)  # float32 sums
     with pytest.raises(ValueError, match="no audio_48000"):
         ftd.load_finetune_data(data["manifest"], data["decoded"], data["visual"], frames=False,
                                audio_rate=48000, partner="visual")
+
+
+def test_damaged_decoded_shard_is_named(data, tmp_path):
+    """A flipped byte in a decoded waveform chunk stops fine-tuning with the shard and chunk
+    named, never trains on what the codec would make of it."""
+    import shutil
+
+    from avepipe.verify import StoreDamagedError
+
+    shard = tmp_path / "shard-000.zarr"
+    shutil.copytree(data["decoded"][0], shard)
+    chunk = sorted(p for p in (shard / "audio_16000" / "c").rglob("*") if p.is_file())[0]
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    d = ftd.load_finetune_data(data["manifest"], [shard], data["visual"], frames=False,
+                               audio_rate=16000, partner="visual")
+    with pytest.raises(StoreDamagedError, match="audio_16000") as err:
+        [d.waves[i] for i in range(len(d))]
+    assert str(shard) in str(err.value)
+    chunk.unlink()  # a missing chunk file is found before any read
+    with pytest.raises(StoreDamagedError, match="audio_16000"):
+        ftd.load_finetune_data(data["manifest"], [shard], data["visual"], frames=False,
+                               audio_rate=16000, partner="visual")
 
 
 def test_test_ids_are_never_read(data, tmp_path, monkeypatch):

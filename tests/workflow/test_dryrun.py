@@ -112,3 +112,19 @@ def test_variants_train_beside_their_head(tmp_path):
     assert var["epochs"] == "3" and base["epochs"] == str(cfg["heads"]["ccln"]["epochs"])
     assert var["out-dir"] == "results/variants/heads/ccln@lam1/vgg19+vggish/full/seed0"
     assert base["out-dir"] == "results/variants/heads/ccln/vgg19+vggish/full/seed0"
+
+
+def test_demo_test_split_is_large_and_has_every_class():
+    """The demo's AVE test split (as the generator plans it from demo.yaml, nothing rendered):
+    >= 200 segments, so one segment moves an accuracy by at most 0.5 points, with every
+    class in train, val and test; and training keeps the larger share."""
+    from collections import Counter
+
+    from avepipe.datasets.synthetic import plan_ave
+
+    syn = yaml.safe_load((REPO / "workflow/config/demo.yaml").read_text())["data"]["synthetic"]
+    _, df, split = plan_ave(syn["videos"], syn["seed"], syn["classes"], split_fractions=tuple(syn["split"]))
+    n = Counter(split)
+    assert n["test"] * 10 >= 200 and n["train"] > n["test"], n
+    for name in ("train", "val", "test"):
+        assert set(df.loc[split == name, "category"]) == set(df["category"]), name
