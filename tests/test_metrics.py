@@ -165,13 +165,19 @@ def test_detection_ranking_by_score_not_input_order():
     assert list(res["per_class"]) == [3]
 
 
-def _reference_map(pred: pd.DataFrame, gt: pd.DataFrame, tious) -> np.ndarray:
-    """ActivityNet compute_average_precision_detection, as a plain loop (per class)."""
+def _reference_map(pred: pd.DataFrame, gt: pd.DataFrame, tious, ties: str = "stable") -> np.ndarray:
+    """ActivityNet compute_average_precision_detection, as a plain loop (per class).
+    ``ties``: "stable" ranks tied scores / tIoUs in input order; "reference" as the UnAV
+    evaluation does (numpy < 1.24's argsort, reversed)."""
+
+    def descending(x: np.ndarray) -> np.ndarray:
+        return np.argsort(-x, kind="stable") if ties == "stable" else M.reference_argsort(x)[::-1]
+
     aps = []
     for c in pd.unique(gt["label"]):
         g = gt[gt.label == c].reset_index(drop=True)
-        p = pred[pred.label == c]
-        p = p.iloc[np.argsort(-p["score"].to_numpy(), kind="stable")].reset_index(drop=True)
+        p = pred[pred.label == c].reset_index(drop=True)
+        p = p.iloc[descending(p["score"].to_numpy())].reset_index(drop=True)
         tp = np.zeros((len(tious), len(p)))
         fp = np.zeros((len(tious), len(p)))
         lock = -np.ones((len(tious), len(g)))
@@ -183,7 +189,7 @@ def _reference_map(pred: pd.DataFrame, gt: pd.DataFrame, tious) -> np.ndarray:
             inter = np.clip(np.minimum(row.t_end, cand.t_end) - np.maximum(row.t_start, cand.t_start), 0, None)
             union = (row.t_end - row.t_start) + (cand.t_end - cand.t_start) - inter
             iou = (inter / union).to_numpy()
-            order = np.argsort(-iou, kind="stable")
+            order = descending(iou)
             for k, th in enumerate(tious):
                 for j in order:
                     if iou[j] < th:
@@ -413,45 +419,6 @@ def test_precision_recall_by_hand_and_equal_to_detection_map():
             ref[c]["AP@0.5"], abs=1e-12)
 
 
-def _unav_reference_loop(pred: pd.DataFrame, gt: pd.DataFrame, tious) -> np.ndarray:
-    """The UnAV evaluation's per-class loop, written out (ranking with numpy < 1.24 order)."""
-    aps = []
-    for c in pd.unique(gt["label"]):
-        g = gt[gt.label == c].reset_index(drop=True)
-        p = pred[pred.label == c].reset_index(drop=True)
-        p = p.loc[M.reference_argsort(p["score"].to_numpy())[::-1]].reset_index(drop=True)
-        tp = np.zeros((len(tious), len(p)))
-        fp = np.zeros((len(tious), len(p)))
-        lock = -np.ones((len(tious), len(g)))
-        for i, row in p.iterrows():
-            cand = g[g.video_id == row.video_id]
-            if len(cand) == 0:
-                fp[:, i] = 1
-                continue
-            inter = np.clip(np.minimum(row.t_end, cand.t_end) - np.maximum(row.t_start, cand.t_start), 0, None)
-            iou = (inter / ((cand.t_end - cand.t_start) + (row.t_end - row.t_start) - inter)).to_numpy()
-            order = M.reference_argsort(iou)[::-1]
-            for k, th in enumerate(tious):
-                for j in order:
-                    if iou[j] < th:
-                        fp[k, i] = 1
-                        break
-                    if lock[k, cand.index[j]] >= 0:
-                        continue
-                    tp[k, i] = 1
-                    lock[k, cand.index[j]] = i
-                    break
-                if tp[k, i] == 0 and fp[k, i] == 0:
-                    fp[k, i] = 1
-        ap = np.zeros(len(tious))
-        if len(p):
-            for k in range(len(tious)):
-                ctp, cfp = np.cumsum(tp[k]), np.cumsum(fp[k])
-                ap[k] = M.interpolated_ap((ctp / (ctp + cfp))[None], (ctp / len(g))[None])[0]
-        aps.append(ap)
-    return np.mean(aps, 0)
-
-
 def test_detection_map_matches_reference_loop_with_ties_and_crowded_videos():
     # rounded scores (many ties, classes over 16 detections) and one video with 20 GT of a class
     # (the GT walk past 16 items); boundaries on a 0.5 s grid give tied tIoUs
@@ -468,6 +435,6 @@ def test_detection_map_matches_reference_loop_with_ties_and_crowded_videos():
     gt, pred = _df(gts, score=False), _df(preds)
     tious = np.round(np.arange(0.1, 1.0, 0.1), 1)
     res = M.detection_map(pred, gt, tious)
-    ref = _unav_reference_loop(pred, M.drop_duplicate_events(gt)[0], tious)
+    ref = _reference_map(pred, M.drop_duplicate_events(gt)[0], tious, ties="reference")
     got = np.array([res[f"mAP@{t:g}"] for t in tious])
     np.testing.assert_allclose(got, ref, atol=1e-12)

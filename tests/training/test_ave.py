@@ -157,13 +157,10 @@ def test_config_change_starts_fresh_and_says_which_keys(data, tmp_path, caplog):
 
 
 def test_malicious_checkpoint_runs_nothing_and_training_starts_fresh(data, tmp_path):
-    from training.test_harness import Payload, payload_is_live
+    from training.test_harness import plant_crafted_checkpoint
 
-    marker = tmp_path / "PWNED"
-    payload_is_live(marker)
     out = tmp_path / "run"
-    out.mkdir()
-    torch.save({"config": Payload(marker), "epoch": 1, "history": []}, out / "checkpoint.pt")
+    marker = plant_crafted_checkpoint(out)
     res = _run(data, out, epochs=2)
     assert not marker.exists()
     assert [r["epoch"] for r in _log(out)] == [1, 2] and 0 <= res["accuracy"] <= 1

@@ -269,13 +269,10 @@ def test_a_changed_temperature_reruns_instead_of_resuming(data, tmp_path, caplog
 
 
 def test_a_crafted_checkpoint_runs_nothing(data, tmp_path):
-    from training.test_harness import Payload, payload_is_live
+    from training.test_harness import plant_crafted_checkpoint
 
-    marker = tmp_path / "PWNED"
-    payload_is_live(marker)
     out = tmp_path / "run"
-    out.mkdir()
-    torch.save({"config": Payload(marker), "epoch": 1, "history": []}, out / "checkpoint.pt")
+    marker = plant_crafted_checkpoint(out)
     res = _run(data, out, epochs=1)
     assert not marker.exists() and [h["epoch"] for h in res["history"]] == [1]
 

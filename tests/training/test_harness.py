@@ -36,6 +36,16 @@ def payload_is_live(marker) -> None:
     marker.unlink()
 
 
+def plant_crafted_checkpoint(out, epoch: int = 1):
+    """``out/checkpoint.pt`` whose unpickling would create ``out.parent / "PWNED"`` (checked
+    live first); returns that marker path."""
+    marker = out.parent / "PWNED"
+    payload_is_live(marker)
+    out.mkdir(exist_ok=True)
+    torch.save({"config": Payload(marker), "epoch": epoch, "history": []}, out / "checkpoint.pt")
+    return marker
+
+
 class Killed(Exception):
     pass
 
@@ -114,11 +124,8 @@ def test_config_diff_names_nested_added_and_removed_keys():
 
 
 def test_malicious_pickle_runs_nothing_and_the_run_starts_fresh(tmp_path, caplog):
-    marker = tmp_path / "PWNED"
-    payload_is_live(marker)
     out = tmp_path / "run"
-    out.mkdir()
-    torch.save({"config": Payload(marker), "epoch": 3, "history": []}, out / "checkpoint.pt")
+    marker = plant_crafted_checkpoint(out, epoch=3)
     with caplog.at_level(logging.WARNING, logger="avepipe.training"):
         _, run = toy_run(out, epochs=2)
     assert not marker.exists()
