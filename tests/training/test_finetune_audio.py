@@ -355,7 +355,8 @@ def test_side_and_encoder_checks(data, tmp_path):
 def test_audio_loss_goes_down(data, vggish_scaled, tmp_path):
     m = data["manifest"]
     m = m[m.video_id.isin(data["trainval"][:4])]  # one fixed batch per epoch
-    res = _audio(data, tmp_path, base_weights=str(vggish_scaled), manifest=m, epochs=4, lr=0.01)
+    # 6 epochs: after 4 the loss of these band-limited synthetic sounds was still at 0.80 of chance
+    res = _audio(data, tmp_path, base_weights=str(vggish_scaled), manifest=m, epochs=6, lr=0.01)
     losses = [h["loss"] for h in res["history"]]
     assert losses[0] == pytest.approx(np.log(4), abs=0.3)  # chance level at the start
     assert losses[-1] < 0.8 * losses[0], losses
