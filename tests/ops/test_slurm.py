@@ -137,7 +137,6 @@ def _scontrol(jobid: str) -> dict[str, str]:
 
 
 def _assert_same_zarr(a: Path, b: Path) -> None:
-    import numpy as np
     import zarr
 
     ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
