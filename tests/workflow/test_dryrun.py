@@ -46,6 +46,7 @@ def test_ave_config_plans_one_decode_job_per_shard(tmp_path):
     assert "synth" not in c  # a real dataset is never generated
 
 
+@pytest.mark.slow  # the 10,790-video DAG takes ~2.5 min to build on 2 cores
 def test_unav_config_plans_full_dataset(tmp_path):
     root = tmp_path / "unav"
     (root / "annotations").mkdir(parents=True)
