@@ -174,11 +174,13 @@ def test_frames_by_index_on_vfr_counts_frames_not_time(tmp_path):
 
 @pytest.mark.parametrize("build,reason", [(mc.no_video, "no video stream"), (mc.random_bytes, "unreadable"),
                                           (None, "file missing")])
-def test_frames_by_index_bad_input(tmp_path, build, reason):
+def test_frame_readers_bad_input(tmp_path, build, reason):
+    """count_frames, read_frames_by_index and select_frames name the file and the reason."""
     path = tmp_path / "bad.mp4"
     if build is not None:
         build(path)
-    for fn in (lambda: media.count_frames(path), lambda: media.read_frames_by_index(path, [0])):
+    for fn in (lambda: media.count_frames(path), lambda: media.read_frames_by_index(path, [0]),
+               lambda: media.select_frames(path, times={"t": [0.5]})):
         with pytest.raises(media.MediaError) as err:
             fn()
         assert err.value.path == str(path) and reason in err.value.reason
@@ -225,14 +227,3 @@ def test_select_frames_without_a_declared_count_reads_by_index_in_a_second_pass(
     assert seen == [20] and [mc.frame_index(f) for f in sel.frames[sel.take]] == [0, 6, 12, 18]
     with pytest.raises(media.MediaError, match="frame index 25 requested but the video decodes to 20 frames"):
         media.select_frames(path, index_plans={"i": lambda n: [25]})
-
-
-@pytest.mark.parametrize("build,reason", [(mc.no_video, "no video stream"), (mc.random_bytes, "unreadable"),
-                                          (None, "file missing")])
-def test_select_frames_bad_input(tmp_path, build, reason):
-    path = tmp_path / "bad.mp4"
-    if build is not None:
-        build(path)
-    with pytest.raises(media.MediaError) as err:
-        media.select_frames(path, times={"t": [0.5]})
-    assert err.value.path == str(path) and reason in err.value.reason
