@@ -49,7 +49,6 @@ from torchvision.models.vgg import cfgs, make_layers
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from avepipe import media
 from avepipe.encoders import EncoderOptionError, EncoderSpec, LoadedEncoder
 from avepipe.encoders import keras_h5
 from avepipe.encoders.opencv_resize import resize_linear_u8
@@ -88,18 +87,6 @@ class VGG19Options:
                 "torchvision": FrameRecipe("time", per_step, "bilinear224", "imagenet"),
                 "imagenet_crop": FrameRecipe("time", per_step, "resize256_crop224", "imagenet"),
                 }[self.preprocessing]
-
-    def select_frames(self, path: str, starts: np.ndarray, span: float, per_step: int,
-                      duration: float) -> np.ndarray | None:
-        """The extraction stage's frame hook: the ``ave`` recipe picks frames by decode index
-        (two decoding passes: count, then read the chosen frames); the other recipes return
-        None (frames by presentation time, the stage's default)."""
-        if self.preprocessing != "ave":
-            return None
-        n = media.count_frames(path)
-        from avepipe.frames import script_frame_indices
-
-        return media.read_frames_by_index(path, script_frame_indices(n, starts, span, per_step, duration))
 
 
 class VGG19Pool5(nn.Module):

@@ -25,7 +25,7 @@ from avepipe.datasets.writer import write_mp4
 from avepipe.encoders import get_encoder
 from avepipe.encoders.keras_h5 import is_hdf5
 from avepipe.encoders.opencv_resize import resize_linear_u8
-from avepipe.frames import script_frame_indices
+from avepipe.frames import decode_recipes, script_frame_indices
 from avepipe.encoders.weights import WeightsError
 
 torch.set_num_threads(1)
@@ -72,21 +72,24 @@ def test_frame_indices_equal_the_script_formula(n, per_step):
 
 def test_frame_indices_on_a_video_with_known_frame_count(tmp_path):
     """37 frames whose colour encodes their index, 3 segments: fi = int(37 / 3) = 12; the ave
-    hook decodes exactly the frames of the script's formula."""
+    recipe decodes exactly the frames of the script's formula (one pass, as extraction)."""
     path = write_mp4(tmp_path / "v.mp4", mc.index_frames(37), 12, crf=10)
     from avepipe import media
 
     assert media.count_frames(path) == 37
     opts = get_encoder("vgg19").check_options({"preprocessing": "ave"})
-    frames = opts.select_frames(str(path), np.arange(3.0), 1.0, 16, 3.0)
-    assert [mc.frame_index(f) for f in frames] == video_frame_sample(12, 3, 16)
+
+    def picked(p, per_step):  # the stage's path: the recipe's frames at the decoded size
+        sel = decode_recipes(str(p), {"k": opts.frame_recipe(per_step)}, np.arange(3.0), 1.0, 3.0,
+                             resize=False)["k"]
+        return [mc.frame_index(f) for f in sel.frames[sel.take]]
+
+    assert picked(path, 16) == video_frame_sample(12, 3, 16)
     # a short file: fewer frames than segments gives fi = 0, every step the first frame
     short = write_mp4(tmp_path / "s.mp4", mc.index_frames(2), 12, crf=10)
-    frames = opts.select_frames(str(short), np.arange(3.0), 1.0, 4, 3.0)
-    assert [mc.frame_index(f) for f in frames] == [0] * 12
-    # the torchvision recipes leave frame picking to the stage (by presentation time)
-    assert get_encoder("vgg19").check_options({"preprocessing": "torchvision"}).select_frames(
-        str(path), np.arange(3.0), 1.0, 16, 3.0) is None
+    assert picked(short, 4) == [0] * 12
+    # the torchvision recipes pick frames by presentation time
+    assert get_encoder("vgg19").check_options({"preprocessing": "torchvision"}).frame_recipe(16).select == "time"
 
 
 # --------------------------------------------------------------------------- resize

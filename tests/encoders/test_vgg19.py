@@ -244,12 +244,13 @@ def test_finetuned_keras_weights_save_in_the_torchvision_layout(tmp_path):
         assert torch.equal(back.state_dict()[k], v), k
 
 
-def test_frame_hook_only_for_the_ave_recipe():
+def test_frames_by_index_only_for_the_ave_recipe():
     spec = get_encoder("vgg19")
     for name in ("torchvision", "imagenet_crop"):
-        assert spec.check_options({"preprocessing": name}).select_frames("/no/such.mp4", np.arange(2.0), 1.0,
-                                                                          4, 2.0) is None
+        assert spec.check_options({"preprocessing": name}).frame_recipe(4).select == "time"
+    assert spec.check_options({}).frame_recipe(4).select == "script_index"
+    from avepipe.frames import decode_recipes
     from avepipe.media import MediaError
 
     with pytest.raises(MediaError, match="file missing"):
-        spec.check_options({}).select_frames("/no/such.mp4", np.arange(2.0), 1.0, 4, 2.0)
+        decode_recipes("/no/such.mp4", {"k": spec.check_options({}).frame_recipe(4)}, np.arange(2.0), 1.0, 2.0)
