@@ -32,10 +32,10 @@ class _RowSource:
     at ``shards[i]``), cut to the video's real seconds (the shards are zero-padded past them).
     A damaged chunk raises StoreDamagedError naming shard, array and chunk."""
 
-    def __init__(self, arrays: list, rows: list[int], n_segments: np.ndarray, per_second: int = 1,
-                 shards: list[str] | None = None, name: str = ""):
+    def __init__(self, arrays: list, rows: list[int], n_segments: np.ndarray, per_second: int = 1, *,
+                 shards: list[str], name: str):
         self._arrays, self._rows, self._nseg, self._per = arrays, rows, n_segments, per_second
-        self._shards, self._name = shards or [""] * len(rows), name
+        self._shards, self._name = shards, name
 
     def __len__(self) -> int:
         return len(self._rows)
