@@ -57,7 +57,7 @@ def tiny_run(request: pytest.FixtureRequest) -> dict:
     cfg = request.config
     if not hasattr(cfg, "_avepipe_tiny_run"):
         run = "tiny"
-        base = request.getfixturevalue("tmp_path_factory").mktemp("tiny_run")
+        base = request.getfixturevalue("tmp_path_factory").mktemp("session_tiny_run")  # kept by conftest
         path = base / "config.yaml"
         path.write_text(yaml.safe_dump(tiny_config(run)))
         tiny = {"run": run, "config": path, "results": base / "results" / run, "dir": base}
