@@ -98,6 +98,11 @@ def _notes(recs: list[dict]) -> list[str]:
     return notes
 
 
+# The section header names how each table's epoch was chosen (`train.select_on`).
+SELECTION_LABELS = {"test": "published protocol: model selected on TEST", "val": "model selected on val",
+                    "last": "last epoch, no model selection"}
+
+
 def summary_markdown(run: str, records: list[dict]) -> str:
     lines = [f"# Summary of run `{run}`", ""]
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -106,7 +111,7 @@ def summary_markdown(run: str, records: list[dict]) -> str:
     for (is_unav, setting, select_on), recs in sorted(groups.items()):
         keys = UNAV_KEYS if is_unav else AVE_KEYS + tuple(
             k for k in ("cml_a2v", "cml_v2a", "cml_avg") if any(k in r["metrics"] for r in recs))
-        label = "published protocol: model selected on TEST" if select_on == "test" else "model selected on val"
+        label = SELECTION_LABELS.get(select_on, f"model selected on {select_on}")
         task = "UnAV-100 dense localization" if is_unav else "AVE"
         lines += [f"## {task}, setting `{setting}` ({label})", "",
                   "Values in % (mean ± std over seeds where several). *Published* is the paper's number on "

@@ -43,3 +43,13 @@ def test_summary_tables_variants_published_and_plots(tmp_path):
     assert {"ap_dense_resnet50-vggish_full_seed0.png", "pr_curve_dense_resnet50-vggish_full_seed0.png",
             "learning_curves.png", "confusion_ccln_vgg19-vggish_full_seed0.png"} <= plots
     assert len(load_records(paths)) == 4
+
+
+def test_section_header_names_how_the_epoch_was_chosen(tmp_path):
+    # A fixed-epoch run (the demo's `select_on: last`) was headed "model selected on val".
+    for select_on, label in (("last", "last epoch, no model selection"), ("val", "model selected on val"),
+                             ("test", "published protocol: model selected on TEST")):
+        root = tmp_path / select_on
+        summarize("r", [_run(root, "avel", "vgg19+vggish", "full", 0, 0.8, select_on=select_on)], root)
+        md = (root / "summary.md").read_text()
+        assert f"## AVE, setting `full` ({label})" in md, md
