@@ -126,19 +126,24 @@ class FinetuneOptions:
                          pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
 
 
+# What the trainers accept, written once (they import these; the schema's choices come from them).
+SELECT_ON = ("val", "test", "last")
+PRECISIONS = ("float32", "bf16")
+
+
 @dataclass
 class TrainOptions:
     """`train`: how every head is trained and selected."""
 
     seeds: list[int] = option([0], help="one head run per seed (mean ± std in the summary)", cli=False)
     select_on: str = option("val", help="epoch selection split; test = the published protocol (optimistic, "
-                            "labelled)", choices=("val", "test", "last"))
+                            "labelled)", choices=SELECT_ON)
     normalize: str = option("none", help="z-score features with train-split statistics (demo: random weights)",
                             choices=("none", "standardize"))
     device: str = option("auto", help="auto (CUDA when present) | cpu | cuda[:N]",
                          pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
     precision: str = option("float32", help="bf16: autocast (float32 weights, optimizer and losses); AVE heads",
-                            choices=("float32", "bf16"))
+                            choices=PRECISIONS)
     noisy: bool = option(True, help="weak setting: add the released background-only videos (imported by import-h5 "
                          "beside the stores, noisy/) to training when present, as AVE-ECCV18, CACE-Net and Ge et al. do")
 

@@ -39,7 +39,7 @@ from avepipe import heads as H
 from avepipe import metrics as M
 from avepipe.datasets.labels import NUM_CLASSES
 from avepipe.devices import resolve_device
-from avepipe.options import EvaluateOptions, HeadOptions, TrainOptions
+from avepipe.options import SELECT_ON, EvaluateOptions, HeadOptions, TrainOptions
 from avepipe.progress import Progress
 from avepipe.training import harness as R
 from avepipe.training.ave_data import (SPLITS, AVEData, BatchFeeder, SplitData, append_train_only,
@@ -48,7 +48,6 @@ from avepipe.training.schedule import make_optimizer, schedule, set_lr
 
 log = logging.getLogger(__name__)
 
-SELECT_ON = ("val", "test", "last")
 
 
 def run(manifest: str | Path, visual: Sequence[str | Path], audio: Sequence[str | Path], out_dir: str | Path, *,

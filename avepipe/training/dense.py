@@ -36,7 +36,7 @@ from avepipe import heads as H
 from avepipe.devices import resolve_device
 from avepipe.heads.dense import soft_nms
 from avepipe.metrics import detection_map, precision_recall
-from avepipe.options import EvaluateOptions, HeadOptions, TrainOptions
+from avepipe.options import SELECT_ON, EvaluateOptions, HeadOptions, TrainOptions
 from avepipe.progress import Progress
 from avepipe.training import harness as R
 from avepipe.training.dense_data import DenseData, load_dense_data, make_batch, standardize_dense, to_seconds
@@ -45,7 +45,6 @@ from avepipe.training.schedule import make_optimizer, schedule, set_lr
 log = logging.getLogger(__name__)
 
 SETTINGS = ("full",)  # what this loop implements (events with segment boundaries)
-SELECT_ON = ("val", "test", "last")
 
 
 def run(manifest: str | Path, visual: Sequence[str | Path], audio: Sequence[str | Path], out_dir: str | Path, *,

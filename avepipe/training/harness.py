@@ -40,9 +40,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-log = logging.getLogger("avepipe.training")
+from avepipe.options import PRECISIONS
 
-PRECISIONS = ("float32", "bf16")
+log = logging.getLogger("avepipe.training")
 
 
 # --------------------------------------------------------------------------- RNG
